@@ -1,0 +1,1 @@
+"""Corpus reading, tokenising, packing and the deterministic resumable loader."""

@@ -1,0 +1,1 @@
+"""The grid (topology), process groups, pipeline schedule and byte accounting."""

@@ -1,0 +1,99 @@
+"""What a run reports: console lines, TensorBoard scalars, metrics.jsonl and the per-replica sample ledger."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+def warn(msg: str) -> None:
+    """A line on stderr from any rank."""
+    rank = os.environ.get("RANK", "0")
+    print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+
+
+def truncate_jsonl(path: str, first_step: int) -> None:
+    """Drop records of steps >= first_step (steps that were rolled back and will be replayed)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", -1) < first_step]
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+class RunLog:
+    """The logger rank (replica 0, last stage) owns the console, train scalars and metrics.jsonl;
+    stage 0 of each replica owns that replica's sample ledger; every rank logs its own bytes sent."""
+
+    def __init__(self, run_dir: str, rank: int, replica: int, stage: int, stages: int, start_step: int,
+                 tensorboard: bool):
+        self.rank, self.replica = rank, replica
+        self.is_logger = replica == 0 and stage == stages - 1
+        os.makedirs(run_dir, exist_ok=True)
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.ledger_path = os.path.join(run_dir, "ledger", f"replica{replica}.jsonl") if stage == 0 else None
+        if self.is_logger:
+            truncate_jsonl(self.metrics_path, start_step)
+        if self.ledger_path:
+            os.makedirs(os.path.dirname(self.ledger_path), exist_ok=True)
+            truncate_jsonl(self.ledger_path, start_step)
+        self.metrics = open(self.metrics_path, "a") if self.is_logger else None
+        self.ledger = open(self.ledger_path, "a") if self.ledger_path else None
+        tb = os.path.join(run_dir, "tb")
+        self.tb = SummaryWriter(os.path.join(tb, "train")) if tensorboard and self.is_logger else None
+        self.tb_comm = SummaryWriter(os.path.join(tb, f"rank{rank}")) if tensorboard else None
+
+    def say(self, msg: str) -> None:
+        if self.is_logger:
+            print(msg, flush=True)
+
+    def record_samples(self, step: int, sample_ids: list[int]) -> None:
+        if self.ledger:
+            self.ledger.write(json.dumps({"step": step, "samples": sample_ids}) + "\n")
+            self.ledger.flush()
+
+    def record_step(self, step: int, **values) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def comm_scalars(self, step: int, bytes_sent: dict[str, float]) -> None:
+        if self.tb_comm:
+            for link, b in bytes_sent.items():
+                self.tb_comm.add_scalar(f"comm/bytes_{link}", b, step)
+
+    def close(self) -> None:
+        for f in (self.metrics, self.ledger, self.tb, self.tb_comm):
+            if f:
+                f.close()
+
+
+class Throughput:
+    """Tokens per second over training time only (each step timed on its own; eval and checkpoints excluded)."""
+
+    def __init__(self, tokens_per_step: int, skip: int = 2):
+        self.tokens_per_step, self.skip = tokens_per_step, skip  # skip: warm-up steps left out of overall()
+        self.seconds: list[float] = []
+        self.mark = 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def _rate(self, seconds: list[float]) -> float:
+        return len(seconds) * self.tokens_per_step / max(sum(seconds), 1e-9)
+
+    def interval(self) -> float:
+        """tokens/s over the steps since the previous call."""
+        recent, self.mark = self.seconds[self.mark:], len(self.seconds)
+        return self._rate(recent)
+
+    def overall(self) -> float:
+        return self._rate(self.seconds[self.skip:] or self.seconds)

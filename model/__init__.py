@@ -1,0 +1,1 @@
+"""Llama-style decoder and its split into pipeline stages; knows nothing of processes."""

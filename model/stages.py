@@ -1,0 +1,81 @@
+"""A pipeline stage: a contiguous slice of the decoder's layers (first owns the embedding, last the norm and head)."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import ModelConfig
+from model.llama import Block, document_mask, document_positions, rope_tables
+
+
+def split_layers(n_layers: int, stages: int) -> list[range]:
+    """Layer ranges per stage, as even as possible (earlier stages take the remainder)."""
+    base, extra = divmod(n_layers, stages)
+    out, start = [], 0
+    for s in range(stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+@dataclass
+class StageInputs:
+    """What every layer needs besides the hidden state, derived once per micro-batch from document ids."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
+class Stage(nn.Module):
+    """Layers `layer_ids` of the decoder; parameter names are global (layers.<i>...) so checkpoints re-shard."""
+
+    def __init__(self, cfg: ModelConfig, layer_ids: range, first: bool, last: bool, max_seq_len: int):
+        super().__init__()
+        self.cfg, self.first, self.last = cfg, first, last
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim) if first else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layer_ids})
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if last else None
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last else None
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def prepare(self, doc_ids: torch.Tensor) -> StageInputs:
+        pos = document_positions(doc_ids)
+        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], document_mask(doc_ids))
+
+    def forward(self, x: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+        """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
+        h = self.embed(x) if self.first else x
+        for layer in self.layers.values():
+            h = layer(h, inputs.cos, inputs.sin, inputs.mask)
+        return self.head(self.norm(h)) if self.last else h
+
+
+def init_weights(module: nn.Module, seed: int, std: float) -> None:
+    """Initialise every parameter from a generator keyed by its global name, so any stage split gets the same weights."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if p.ndim == 1:
+                p.fill_(1.0)  # norm gains
+            else:
+                scale = std / (2 * module.cfg.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build_stage(cfg: ModelConfig, stage: int, stages: int, max_seq_len: int, seed: int) -> Stage:
+    layer_ids = split_layers(cfg.n_layers, stages)[stage]
+    module = Stage(cfg, layer_ids, first=stage == 0, last=stage == stages - 1, max_seq_len=max_seq_len)
+    init_weights(module, seed, cfg.init_std)
+    return module
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy; callers divide by the batch's token count."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")

@@ -1,0 +1,1 @@
+"""Inner optimizer, learning-rate schedule and gradient sync across replicas."""

@@ -1,0 +1,1 @@
+"""Failure detection, group re-formation, stage rebuild and checkpoints."""
