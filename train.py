@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
             path = checkpoint.save(ckpt_root, done, module, optimizer, extra, (replica, stage), cfg.checkpoint.keep)
             log.say(f"step {done} | checkpoint {path}")
 
-    summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": meter.overall(), "val_loss": val_loss,
+    summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": meter.overall(),
+               "val_loss": None if math.isnan(val_loss) else val_loss,
                "unigram_entropy": corpus.unigram_entropy, "bytes_sent": comm.totals(), "world_size": world}
     if log.is_logger:
         with open(os.path.join(cfg.log.run_dir, "summary.json"), "w") as fh:

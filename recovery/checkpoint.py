@@ -1,7 +1,8 @@
 """Atomic, verified checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout: <root>/step_<N>/ holds the DCP shards of every stage's model and optimizer (global parameter
-names, so a checkpoint re-shards onto another stage split), one `extra-r<replica>s<stage>.pt` per rank
+names, so a checkpoint re-shards onto another stage split; optimizer hyper-parameters come from the
+config, only its per-parameter state is saved), one `extra-r<replica>s<stage>.pt` per rank
 (RNG, loader position, step) and `manifest.json` (step and the sha256 of every file). Everything is
 written into `.tmp-step_<N>/` and renamed in one step once the manifest is on disk, so a crash during
 a save never leaves a checkpoint that looks valid; a file that no longer matches its checksum marks
@@ -54,7 +55,7 @@ def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, i
         os.makedirs(tmp)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp)
     torch.save(extra, os.path.join(tmp, f"extra-r{slot[0]}s{slot[1]}.pt"))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -121,11 +122,12 @@ def choose(root: str, resume: str, log) -> str | None:
 def load(path: str, model, optimizer, slot: tuple[int, int]) -> dict:
     """Load this rank's stage (re-sharded by parameter name) and optimizer; returns its extra state (or {})."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd["state"]}
     try:
         dcp.load(state, checkpoint_id=path)
     except Exception as err:  # DCP raises many types; name the checkpoint and the cause
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(err).splitlines()[0]}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]})
     extra = os.path.join(path, f"extra-r{slot[0]}s{slot[1]}.pt")
     return torch.load(extra, weights_only=False) if os.path.exists(extra) else {}

@@ -1,0 +1,26 @@
+"""Helpers to run real multi-process jobs (torchrun, gloo on loopback) from tests."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            os.path.join(ROOT, script), *args]
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_cmd(nproc: int, *overrides: str) -> list[str]:
+    """train.py under torchrun (nproc > 1) or as a plain process (nproc == 1)."""
+    if nproc == 1:
+        return [sys.executable, os.path.join(ROOT, "train.py"), *overrides]
+    return torchrun_cmd(nproc, "train.py", *overrides)
