@@ -1,0 +1,115 @@
+"""Bad input fails at start-up with one clear line naming the fix; nothing already trained is lost."""
+import os
+import shutil
+
+import pytest
+
+from config import ConfigError, check_world, load_config
+from tests.procs import run, train_cmd
+from tests.test_resume import TINY
+
+
+def one_line_error(proc, torchrun: bool = False) -> str:
+    """Exactly one 'flotilla: error:' line (from rank 0 only); exit status 2 (torchrun turns it into 1)."""
+    assert proc.returncode == (1 if torchrun else 2), proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("flotilla: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert torchrun or "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.n_layer' \(did you mean 'model.n_layers'\?\)"):
+        load_config(["model.n_layer=8"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"bad value for config key 'train.steps'"):
+        load_config(["train.steps=lots"])
+
+
+def test_overrides_and_presets_apply():
+    cfg = load_config(["model.n_layers=8", "parallel.stages=2", "parallel.replicas=1"])
+    assert cfg.model.n_layers == 8 and cfg.parallel.stages == 2
+    for preset in ("llama-125m", "llama-1b"):
+        big = load_config([f"config={preset}"])
+        assert big.model.dim >= 768 and big.train.device == "cuda"
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["parallel.stages=5"], "exceeds model.n_layers=4"),
+    (["train.batch_size=10", "parallel.microbatches=4"], "equal micro-batches"),
+    (["model.n_heads=3"], "must divide"),
+    (["parallel.schedule=zb"], "choose gpipe or 1f1b"),
+    (["data.source=path", "data.path=/no/such/folder"], "data.path='/no/such/folder' is not a folder"),
+    (["checkpoint.resume=/no/such/ckpt"], "is not a checkpoint folder"),
+])
+def test_bad_values_are_refused(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(override)
+
+
+def test_world_size_must_fit_topology():
+    cfg = load_config([])
+    check_world(cfg, 4)
+    with pytest.raises(ConfigError, match=r"world size 3 does not fit parallel.replicas=2 x parallel.stages=2 = 4 "
+                                          r"processes: launch with torchrun --nproc-per-node=4"):
+        check_world(cfg, 3)
+
+
+def test_cli_bad_key_is_one_line():
+    line = one_line_error(run(train_cmd(1, "model.n_layer=8"), check=False))
+    assert "did you mean 'model.n_layers'" in line
+
+
+def test_cli_plain_python_on_the_2x2_default_names_torchrun():
+    line = one_line_error(run(train_cmd(1), check=False))
+    assert "world size 1 does not fit" in line and "torchrun --nproc-per-node=4" in line
+
+
+def test_cli_wrong_world_size_under_torchrun():
+    line = one_line_error(run(train_cmd(2, "parallel.replicas=2", "parallel.stages=2"), check=False), torchrun=True)
+    assert "world size 2 does not fit" in line
+
+
+def test_cli_missing_data_path():
+    line = one_line_error(run(train_cmd(1, "data.source=path", "data.path=/no/such/folder"), check=False))
+    assert "data.path" in line
+
+
+def test_corrupt_checkpoint_falls_back_to_previous_and_explicit_one_is_refused(tmp_path, corpus_cache):
+    run_dir = str(tmp_path / "run")
+    common = TINY + ["parallel.replicas=1", "parallel.stages=1", f"data.cache_dir={corpus_cache}",
+                     f"log.run_dir={run_dir}", "checkpoint.keep=3"]
+    run(train_cmd(1, *common, "train.steps=10"))
+    ckpts = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["step_00000005", "step_00000010"]
+    newest = os.path.join(ckpts, "step_00000010")
+    shard = next(f for f in os.listdir(newest) if f.endswith(".distcp"))
+    with open(os.path.join(newest, shard), "r+b") as fh:  # flip bytes in the middle of the shard
+        fh.seek(os.path.getsize(fh.name) // 2)
+        fh.write(b"\xff\x00\xff\x00")
+    # a half-written save (killed before it was sealed) is never taken for a checkpoint
+    os.makedirs(os.path.join(ckpts, ".tmp-step_00000015"))
+
+    line = one_line_error(run(train_cmd(1, *common, "train.steps=12", f"checkpoint.resume={newest}"), check=False))
+    assert "does not match its checksum" in line and "checkpoint.resume=" in line
+    assert os.path.exists(newest)  # nothing trained is deleted
+
+    resumed = run(train_cmd(1, *common, "train.steps=12", "checkpoint.resume=latest"))
+    assert "skipping bad checkpoint" in resumed.stderr and "step_00000010" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
+
+
+def test_partial_checkpoint_without_manifest_is_refused(tmp_path, corpus_cache):
+    run_dir = str(tmp_path / "run")
+    common = TINY + ["parallel.replicas=1", "parallel.stages=1", f"data.cache_dir={corpus_cache}",
+                     f"log.run_dir={run_dir}"]
+    run(train_cmd(1, *common, "train.steps=5"))
+    ckpt = os.path.join(run_dir, "checkpoints", "step_00000005")
+    os.remove(os.path.join(ckpt, "manifest.json"))
+    line = one_line_error(run(train_cmd(1, *common, "train.steps=6", f"checkpoint.resume={ckpt}"), check=False))
+    assert "partial" in line
+    fresh = run(train_cmd(1, *common, "train.steps=6", "checkpoint.resume=latest"))
+    assert "skipping bad checkpoint" in fresh.stderr and "resumed from" not in fresh.stdout
+    shutil.rmtree(run_dir)
