@@ -22,11 +22,10 @@ class Batch:
         return Batch(self.inputs.to(device), self.targets.to(device), self.doc_ids.to(device), self.sample_ids)
 
     def split(self, n: int) -> list["Batch"]:
-        """n equal micro-batches."""
-        size = len(self.sample_ids) // n
-        return [Batch(self.inputs[i * size:(i + 1) * size], self.targets[i * size:(i + 1) * size],
-                      self.doc_ids[i * size:(i + 1) * size], self.sample_ids[i * size:(i + 1) * size])
-                for i in range(n)]
+        """Up to n micro-batches of near-equal size (sizes differ by at most one row; no row dropped, none empty)."""
+        bounds = np.linspace(0, len(self.sample_ids), n + 1).round().astype(int)
+        return [Batch(self.inputs[a:b], self.targets[a:b], self.doc_ids[a:b], self.sample_ids[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def make_batch(windows: np.ndarray, ids: np.ndarray, eos: int) -> Batch:

@@ -383,3 +383,12 @@ def test_validation_batches_fewer_windows_than_asked():
     w = _windows(7)
     shards = [validation_batches(w, 999, 4, 5, r, 2) for r in range(2)]
     assert sorted(i for s in shards for b in s for i in b.sample_ids) == list(range(7))
+
+
+def test_batch_split_uneven_keeps_every_row():
+    windows = np.arange(9 * 5).reshape(9, 5)
+    batch = make_batch(windows, np.arange(9), eos=10_000)
+    parts = batch.split(4)
+    assert [len(p.sample_ids) for p in parts] == [2, 2, 3, 2]
+    assert sum((p.sample_ids for p in parts), []) == list(range(9))
+    assert [len(p.sample_ids) for p in make_batch(windows, np.arange(3), eos=10_000).split(4)] == [1, 1, 1]

@@ -1,0 +1,1 @@
+"""How processes get started: torchrun, multi-node, SLURM, spot agent, chaos."""
