@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 from torch.utils.tensorboard import SummaryWriter
@@ -96,4 +97,5 @@ class Throughput:
         return self._rate(recent)
 
     def overall(self) -> float:
-        return self._rate(self.seconds[self.skip:] or self.seconds)
+        """Steady-state tokens/s: the median step after warm-up (robust to a noisy, shared machine)."""
+        return self.tokens_per_step / max(statistics.median(self.seconds[self.skip:] or self.seconds), 1e-9)
