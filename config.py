@@ -45,8 +45,26 @@ class ParallelConfig:
     microbatches: int = 1
     schedule: str = "1f1b"  # gpipe | 1f1b
     backend: str = "auto"  # auto | gloo | nccl
-    sync: str = "ddp"  # ddp: all-reduce gradients across replicas every step
     timeout_s: float = 300.0
+
+
+@dataclass
+class SyncConfig:
+    """How replicas of a stage stay together (see ../shared/design/lowcomm.md)."""
+    method: str = "ddp"  # ddp: average gradients every step | diloco | noloco
+    compress: str = "none"  # none | <ef21|ef21sgdm|ef14>-<topk|randk|int8>: gradients (ddp) or pseudo-gradients (diloco)
+    ratio: float = 0.01  # K / d for topk and randk
+    ef_eta: float = 0.1  # EF21-SGDM worker momentum
+    chunk: int = 32768  # Top-K picks K = ratio * chunk values in every chunk (<= 32768: int16 offsets)
+    H: int = 50  # inner steps between outer steps (diloco, noloco)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    fragments: int = 1  # diloco streaming: > 1 syncs the stage in this many staggered fragments
+    precision: str = "fp32"  # diloco pseudo-gradient on the wire: fp32 | bf16 | int8 | int4
+    alpha: float = 0.5  # noloco momentum
+    beta: float = 0.7  # noloco step on the pair-mean of theta - phi
+    gamma: float = 0.7  # noloco pull towards the pair-mean of phi
 
 
 @dataclass
@@ -98,6 +116,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -167,8 +186,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} must divide into parallel.microbatches={p.microbatches} equal micro-batches")
     if p.schedule not in ("gpipe", "1f1b"):
         raise ConfigError(f"parallel.schedule='{p.schedule}': choose gpipe or 1f1b")
-    if p.sync != "ddp":
-        raise ConfigError(f"parallel.sync='{p.sync}': only ddp is available")
+    validate_sync(cfg.sync)
     if cfg.data.tokenizer not in ("byte", "bpe"):
         raise ConfigError(f"data.tokenizer='{cfg.data.tokenizer}': choose byte or bpe")
     if cfg.data.source not in ("stdlib", "path"):
@@ -177,6 +195,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.path='{cfg.data.path}' is not a folder: point data.path at a folder of .txt/.jsonl files")
     if cfg.checkpoint.resume not in ("none", "latest") and not os.path.isdir(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume='{cfg.checkpoint.resume}' is not a checkpoint folder: use none, latest or a path under <run_dir>/checkpoints")
+
+
+def validate_sync(s: SyncConfig) -> None:
+    if s.method not in ("ddp", "diloco", "noloco"):
+        raise ConfigError(f"sync.method='{s.method}': choose ddp, diloco or noloco")
+    if s.compress != "none":
+        kind, _, comp = s.compress.partition("-")
+        if kind not in ("ef21", "ef21sgdm", "ef14") or comp not in ("topk", "randk", "int8"):
+            raise ConfigError(f"sync.compress='{s.compress}': use none or <ef21|ef21sgdm|ef14>-<topk|randk|int8>, "
+                              f"e.g. ef21-topk")
+        if s.method == "noloco":
+            raise ConfigError("sync.compress applies to ddp gradients and diloco pseudo-gradients: set "
+                              "sync.compress=none with sync.method=noloco")
+        if s.precision != "fp32":
+            raise ConfigError("sync.compress and sync.precision both set the wire format: keep one (sync.precision=fp32)")
+    if not 0 < s.ratio <= 1 or not 0 < s.chunk <= 32768:
+        raise ConfigError(f"sync.ratio={s.ratio} must be in (0, 1] and sync.chunk={s.chunk} in (0, 32768]")
+    if s.precision not in ("fp32", "bf16", "int8", "int4"):
+        raise ConfigError(f"sync.precision='{s.precision}': choose fp32, bf16, int8 or int4")
+    if s.H < 1 or s.fragments < 1 or s.fragments > s.H:
+        raise ConfigError(f"sync.H={s.H} and sync.fragments={s.fragments}: need H >= 1 and 1 <= fragments <= H")
+    if s.method == "noloco":
+        import math
+        if not s.beta > s.alpha or not s.alpha < s.gamma < math.sqrt(2 + s.alpha ** 2):
+            raise ConfigError(f"sync.alpha={s.alpha}, beta={s.beta}, gamma={s.gamma} break NoLoCo's convergence "
+                              f"conditions: need beta > alpha and alpha < gamma < sqrt(2 + alpha^2)")
 
 
 def check_world(cfg: Config, world_size: int) -> None:

@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 import sys
+import zlib
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -27,7 +28,8 @@ def truncate_jsonl(path: str, first_step: int) -> None:
 
 class RunLog:
     """The logger rank (replica 0, last stage) owns the console, train scalars and metrics.jsonl;
-    stage 0 of each replica owns that replica's sample ledger; every rank logs its own bytes sent."""
+    stage 0 of each replica owns that replica's sample ledger; every rank logs its own bytes sent
+    and its outer steps (sync/rank<k>.jsonl)."""
 
     def __init__(self, run_dir: str, rank: int, replica: int, stage: int, stages: int, start_step: int,
                  tensorboard: bool):
@@ -42,6 +44,10 @@ class RunLog:
             os.makedirs(os.path.dirname(self.ledger_path), exist_ok=True)
             truncate_jsonl(self.ledger_path, start_step)
         self.metrics = open(self.metrics_path, "a") if self.is_logger else None
+        sync_path = os.path.join(run_dir, "sync", f"rank{rank}.jsonl")
+        os.makedirs(os.path.dirname(sync_path), exist_ok=True)
+        truncate_jsonl(sync_path, start_step + 1)
+        self.sync = open(sync_path, "a")
         self.ledger = open(self.ledger_path, "a") if self.ledger_path else None
         tb = os.path.join(run_dir, "tb")
         self.tb = SummaryWriter(os.path.join(tb, "train")) if tensorboard and self.is_logger else None
@@ -55,6 +61,15 @@ class RunLog:
         if self.ledger:
             self.ledger.write(json.dumps({"step": step, "samples": sample_ids}) + "\n")
             self.ledger.flush()
+
+    def record_sync(self, step: int, fragments: list[int], params, comm) -> None:
+        """An outer step: which fragments, this rank's weights digest (replicas compare it), bytes so far."""
+        digest = 0
+        for p in params:
+            digest = zlib.crc32(p.detach().cpu().numpy().tobytes(), digest)
+        self.sync.write(json.dumps({"step": step, "fragments": fragments, "digest": digest,
+                                    "bytes": comm.totals(), "collectives": dict(comm.calls)}) + "\n")
+        self.sync.flush()
 
     def record_step(self, step: int, **values) -> None:
         if self.metrics:
@@ -72,7 +87,7 @@ class RunLog:
                 self.tb_comm.add_scalar(f"comm/bytes_{link}", b, step)
 
     def close(self) -> None:
-        for f in (self.metrics, self.ledger, self.tb, self.tb_comm):
+        for f in (self.metrics, self.ledger, self.sync, self.tb, self.tb_comm):
             if f:
                 f.close()
 

@@ -24,8 +24,9 @@ from dist.pipeline import eval_step, train_step
 from dist.topology import Topology
 from metrics import RunLog, Throughput, warn
 from model.stages import build_stage
-from optim.grad_sync import allreduce_gradients, clip_global_grad_norm
+from optim.clip import clip_global_grad_norm
 from optim.inner import build_optimizer, lr_at, set_lr
+from optim.sync import build_sync
 from recovery import checkpoint
 from recovery.checkpoint import CheckpointError
 
@@ -77,15 +78,12 @@ def choose_checkpoint(cfg: Config, root: str) -> tuple[str | None, int]:
 
 
 def evaluate(module, batches, groups, comm, cfg: Config, device) -> float:
-    """Mean validation token loss over the held-out batches of every replica (on last-stage ranks)."""
+    """Mean validation token loss of this replica's model on the held-out batches (meaningful on the last stage)."""
     module.eval()
     loss_sum = sum(eval_step(module, [mb.to(device) for mb in b.split(cfg.parallel.microbatches)], groups, comm)
                    for b in batches)
     module.train()
-    totals = torch.tensor([loss_sum, float(sum(b.n_tokens for b in batches))], dtype=torch.float64)
-    if module.last:
-        comm.all_reduce(totals, groups.stage, CROSS)
-    return float(totals[0] / totals[1])
+    return loss_sum / sum(b.n_tokens for b in batches)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_world(cfg, world)
     topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
     replica, stage = topo.slot(rank)
-    groups = build_groups(topo, rank, cfg.parallel.timeout_s)
+    groups = build_groups(topo, rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco")
     comm = Comm()
 
     corpus = load_corpus(cfg.data)
@@ -103,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = list(module.parameters())
     optimizer = build_optimizer(module, cfg.optim)
     loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, replica, topo.replicas, cfg.train.batch_size)
-    val_batches = validation_batches(corpus.val, corpus.eos, cfg.log.eval_batches, cfg.train.batch_size,
-                                     replica, topo.replicas)
+    sync = build_sync(cfg.sync, module, groups, comm, replica, topo.replicas, stage, cfg.train.seed)
+    val_batches = validation_batches(corpus.val, corpus.eos, cfg.log.eval_batches, cfg.train.batch_size, 0, 1)
 
     ckpt_root = os.path.join(cfg.log.run_dir, "checkpoints")
     os.makedirs(cfg.log.run_dir, exist_ok=True)
@@ -114,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         loader.load_state_dict(extra.get("loader", {"step": start}))
         if "rng" in extra:
             torch.set_rng_state(extra["rng"])
+        if extra.get("sync") is not None and extra.get("replicas") == topo.replicas:
+            sync.load_state_dict(extra["sync"])  # else: fresh sync state (EF21's reset rule: a dense round)
     log = RunLog(cfg.log.run_dir, rank, replica, stage, topo.stages, start, cfg.log.tensorboard)
     if rank == 0:
         with open(os.path.join(cfg.log.run_dir, "config.yaml"), "w") as fh:
@@ -136,24 +136,24 @@ def main(argv: list[str] | None = None) -> dict:
                           batch.n_tokens)
         if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or rank in cfg.fault.kill_ranks):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, before the update
-        allreduce_gradients(params, groups.stage, comm, topo.replicas)
+        sync.before_update()
         grad_norm = clip_global_grad_norm(params, cfg.optim.grad_clip, groups.replica, comm, topo.stages)
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         set_lr(optimizer, lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
+        done = step + 1
+        synced = sync.after_update(done)
         meter.add(time.perf_counter() - t0)
 
         # the step is committed: record it
-        done = step + 1
+        if synced:
+            log.record_sync(done, synced, params, comm)
         log.record_samples(step, batch.sample_ids)
         log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm)
         loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
         if done % cfg.log.log_every == 0 or done == cfg.train.steps:
-            mean_loss = torch.tensor([loss_sum_interval / steps_interval])
-            if module.last:
-                comm.all_reduce(mean_loss, groups.stage, "metrics")
-            mean_loss = float(mean_loss) / topo.replicas
+            mean_loss = loss_sum_interval / steps_interval  # replica 0's: no cross-replica traffic for metrics
             tps = meter.interval()
             sent = comm.totals()
             log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps,
@@ -163,19 +163,21 @@ def main(argv: list[str] | None = None) -> dict:
                     f"grad {grad_norm:.3f} | sent intra {sent['intra_replica'] / 1e6:.1f} MB, "
                     f"cross {sent[CROSS] / 1e6:.1f} MB")
             loss_sum_interval, steps_interval = 0.0, 0
-        if cfg.log.eval_every and (done % cfg.log.eval_every == 0 or done == cfg.train.steps):
+        if replica == 0 and cfg.log.eval_every and (done % cfg.log.eval_every == 0 or done == cfg.train.steps):
             val_loss = evaluate(module, val_batches, groups, comm, cfg, device)
             log.scalars(done, {"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
             log.record_step(step, val_loss=val_loss)
             log.say(f"step {done} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
-            extra = {"rng": torch.get_rng_state(), "loader": loader.state_dict(), "step": done}
+            extra = {"rng": torch.get_rng_state(), "loader": loader.state_dict(), "step": done,
+                     "sync": sync.state_dict(), "replicas": topo.replicas}
             path = checkpoint.save(ckpt_root, done, module, optimizer, extra, (replica, stage), cfg.checkpoint.keep)
             log.say(f"step {done} | checkpoint {path}")
 
     summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": meter.overall(),
                "val_loss": None if math.isnan(val_loss) else val_loss,
-               "unigram_entropy": corpus.unigram_entropy, "bytes_sent": comm.totals(), "world_size": world}
+               "unigram_entropy": corpus.unigram_entropy, "bytes_sent": comm.totals(), "world_size": world,
+               "sync": cfg.sync.method, "collectives": dict(comm.calls), "p2p": dict(comm.p2p)}
     if log.is_logger:
         with open(os.path.join(cfg.log.run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh)

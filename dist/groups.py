@@ -24,10 +24,14 @@ class Groups:
     recv_fwd: Link | None  # activations from the previous stage
     send_bwd: Link | None  # activation gradients to the previous stage
     recv_bwd: Link | None  # activation gradients from the next stage
+    replica_pairs: dict[int, Link]  # other replica -> 2-rank group with its copy of this stage (NoLoCo)
 
 
-def build_groups(topo: Topology, rank: int, timeout_s: float) -> Groups:
-    """Every rank calls new_group for every group in the same order (torch.distributed's rule)."""
+def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: bool = False) -> Groups:
+    """Every rank calls new_group for every group in the same order (torch.distributed's rule).
+
+    replica_pairs: also a 2-rank group between every two replicas of each stage (for NoLoCo).
+    """
     timeout = timedelta(seconds=timeout_s)
     replica, stage = topo.slot(rank)
     mine = {}
@@ -48,5 +52,13 @@ def build_groups(topo: Topology, rank: int, timeout_s: float) -> Groups:
                 mine["send_fwd"], mine["recv_bwd"] = Link(fwd, b), Link(bwd, b)
             if rank == b:
                 mine["recv_fwd"], mine["send_bwd"] = Link(fwd, a), Link(bwd, a)
+    pairs = {}
+    for s in range(topo.stages) if replica_pairs else ():
+        for a in range(topo.replicas):
+            for b in range(a + 1, topo.replicas):
+                ra, rb = topo.rank(a, s), topo.rank(b, s)
+                g = dist.new_group([ra, rb], timeout=timeout)
+                if rank in (ra, rb):
+                    pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra)
     return Groups(mine["stage"], mine["replica"], mine.get("send_fwd"), mine.get("recv_fwd"),
-                  mine.get("send_bwd"), mine.get("recv_bwd"))
+                  mine.get("send_bwd"), mine.get("recv_bwd"), pairs)

@@ -1,0 +1,79 @@
+"""DiLoCo: H inner steps of local AdamW, then an outer Nesterov step on the replica-averaged pseudo-gradient.
+
+  Delta = mean_i (theta - theta_i)      (theta: weights at the last sync; averaged over replicas of a stage)
+  m <- mu m + Delta ;  theta <- theta - lr (Delta + mu m)      (Nesterov, as torch.optim.SGD)
+Streaming mode syncs the stage in P fragments (layer l in fragment l mod P) on a staggered schedule,
+fragment f at steps f H / P + k H, so no single sync moves the whole stage. The pseudo-gradient can
+travel in bf16 / int8 / int4 (fp32 accumulation) or through EF21 error feedback.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from optim.ef21 import ErrorFeedback
+from optim.reduce import mean_over_group
+
+
+def fragment_of(name: str, fragments: int) -> int:
+    """Streaming fragment of a parameter: its layer index mod P (embedding with fragment 0, head with the last)."""
+    m = re.match(r"layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) % fragments
+    return 0 if name.startswith("embed") else fragments - 1
+
+
+def nesterov_step(anchor: torch.Tensor, momentum: torch.Tensor, delta: torch.Tensor, lr: float, mu: float,
+                  nesterov: bool) -> None:
+    """In place: the outer SGD step torch.optim.SGD(momentum=mu, nesterov=...) would take with gradient delta."""
+    momentum.mul_(mu).add_(delta)
+    anchor.sub_(delta + mu * momentum if nesterov else momentum, alpha=lr)
+
+
+class DiLoCo:
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], H: int, lr: float, mu: float,
+                 nesterov: bool, fragments: int, precision: str, ef: list[ErrorFeedback] | None, comm, group, link: str,
+                 n: int):
+        self.H, self.lr, self.mu, self.nesterov, self.precision = H, lr, mu, nesterov, precision
+        self.comm, self.group, self.link, self.n = comm, group, link, n
+        self.P = max(1, fragments)
+        self.params = [p for _, p in named_params]
+        self.members = [[i for i, (name, _) in enumerate(named_params) if fragment_of(name, self.P) == f]
+                        for f in range(self.P)]
+        self.anchor = [p.detach().clone().float() for p in self.params]
+        self.momentum = [torch.zeros_like(a) for a in self.anchor]
+        self.ef = ef  # one error-feedback state per fragment (fragments differ in size)
+
+    def due(self, done: int) -> list[int]:
+        """Fragments whose sync falls after `done` completed inner steps: fragment f at f H / P + k H."""
+        offsets = [f * self.H // self.P for f in range(self.P)]
+        return [f for f in range(self.P) if self.members[f] and done > 0 and done >= offsets[f]
+                and (done - offsets[f]) % self.H == 0]
+
+    @torch.no_grad()
+    def after_update(self, done: int) -> list[int]:
+        """Run the outer step for every fragment due now; returns the fragments synced."""
+        synced = self.due(done)
+        for f in synced:
+            idx = self.members[f]
+            anchors, moms = [self.anchor[i] for i in idx], [self.momentum[i] for i in idx]
+            delta = _flatten_dense_tensors([self.anchor[i] - self.params[i].detach().float() for i in idx])
+            avg = self.ef[f].aggregate(delta) if self.ef else mean_over_group(delta, self.precision, self.comm, self.group,
+                                                                   self.link, self.n)
+            for a, m, d in zip(anchors, moms, _unflatten_dense_tensors(avg, anchors)):
+                nesterov_step(a, m, d, self.lr, self.mu, self.nesterov)
+            for i in idx:
+                self.params[i].copy_(self.anchor[i])
+        return synced
+
+    def state_dict(self) -> dict:
+        return {"anchor": self.anchor, "momentum": self.momentum,
+                "ef": [e.state_dict() for e in self.ef] if self.ef else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchor, self.momentum = state["anchor"], state["momentum"]
+        if state.get("ef") and self.ef:
+            for e, s in zip(self.ef, state["ef"]):
+                e.load_state_dict(s)

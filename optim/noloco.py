@@ -1,0 +1,78 @@
+"""NoLoCo: no all-reduce. Every H inner steps each replica's stage averages with one random peer's.
+
+Each replica keeps slow weights phi, outer momentum delta and its fast weights theta (inner AdamW
+state is never averaged or reset). With Delta = theta - phi and means over the pair:
+  delta_i <- alpha delta_i + beta mean(Delta) - gamma (phi_i - mean(phi))
+  phi_i   <- phi_i + delta_i ;  theta_i <- phi_i
+Pairs come from a permutation seeded by (seed, outer step), so every rank agrees without talking;
+with an odd replica count one replica sits out the round (its means are its own values).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def partners(replicas: int, seed: int, outer_step: int) -> list[int | None]:
+    """partner[r] for every replica r: a perfect matching on a random permutation (None = sits out)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + outer_step)
+    perm = torch.randperm(replicas, generator=g).tolist()
+    half = replicas // 2
+    out: list[int | None] = [None] * replicas
+    for a, b in zip(perm[:half], perm[half:2 * half]):
+        out[a], out[b] = b, a
+    return out
+
+
+def check_bounds(alpha: float, beta: float, gamma: float) -> None:
+    """The paper's conditions: the mean converges if beta > alpha; replica spread stays bounded if
+    alpha < gamma < sqrt(2 + alpha^2) (pairs)."""
+    if not beta > alpha:
+        raise ValueError(f"NoLoCo needs beta > alpha for the mean to converge (got alpha={alpha}, beta={beta})")
+    if not alpha < gamma < math.sqrt(2 + alpha * alpha):
+        raise ValueError(f"NoLoCo needs alpha < gamma < sqrt(2 + alpha^2) = {math.sqrt(2 + alpha * alpha):.3f} "
+                         f"for bounded replica spread (got alpha={alpha}, gamma={gamma})")
+
+
+def noloco_update(phi: torch.Tensor, delta: torch.Tensor, theta: torch.Tensor, peer_phi: torch.Tensor | None,
+                  peer_Delta: torch.Tensor | None, alpha: float, beta: float, gamma: float) -> None:
+    """In place on phi and delta (flat fp32): one outer step against the peer's slow weights and Delta."""
+    Delta = theta - phi
+    mean_Delta = Delta if peer_Delta is None else (Delta + peer_Delta) / 2
+    mean_phi = phi if peer_phi is None else (phi + peer_phi) / 2
+    delta.mul_(alpha).add_(mean_Delta, alpha=beta).sub_(phi - mean_phi, alpha=gamma)
+    phi.add_(delta)
+
+
+class NoLoCo:
+    def __init__(self, params: list[torch.nn.Parameter], H: int, alpha: float, beta: float, gamma: float,
+                 replica: int, replicas: int, seed: int, comm, pair_links: dict):
+        check_bounds(alpha, beta, gamma)
+        self.params, self.H, self.alpha, self.beta, self.gamma = params, H, alpha, beta, gamma
+        self.replica, self.replicas, self.seed, self.comm, self.pair_links = replica, replicas, seed, comm, pair_links
+        self.phi = _flatten_dense_tensors([p.detach().float() for p in params]).clone()
+        self.delta = torch.zeros_like(self.phi)
+
+    @torch.no_grad()
+    def after_update(self, done: int) -> list[int]:
+        if done % self.H:
+            return []
+        peer = partners(self.replicas, self.seed, done // self.H)[self.replica]
+        theta = _flatten_dense_tensors([p.detach().float() for p in self.params])
+        peer_phi = peer_Delta = None
+        if peer is not None:
+            link = self.pair_links[peer]
+            theirs = self.comm.exchange(torch.cat([self.phi, theta - self.phi]), link.group, link.peer)
+            peer_phi, peer_Delta = theirs.split(self.phi.numel())
+        noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
+        for p, new in zip(self.params, _unflatten_dense_tensors(self.phi, self.params)):
+            p.copy_(new)
+        return [0]
+
+    def state_dict(self) -> dict:
+        return {"phi": self.phi, "delta": self.delta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phi, self.delta = state["phi"], state["delta"]

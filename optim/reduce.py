@@ -1,0 +1,40 @@
+"""Averaging a flat fp32 vector over a group, optionally in low precision on the wire (fp32 accumulation)."""
+from __future__ import annotations
+
+import torch
+
+from dist.comm import Comm
+from optim import compress
+
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+
+
+def mean_over_group(vec: torch.Tensor, precision: str, comm: Comm, group, link: str, n: int) -> torch.Tensor:
+    """The group mean of `vec`, identical on every rank.
+
+    fp32 is an all-reduce; the low-precision forms all-gather each rank's encoded vector and sum the
+    decoded parts in fp32, in rank order, so every rank computes the same bits.
+    """
+    if n == 1:
+        return vec.clone()
+    if precision == "fp32":
+        out = vec.clone()
+        comm.all_reduce(out, group, link)
+        return out.div_(n)
+    d = vec.numel()
+    if precision == "bf16":
+        parts = [p.float() for p in comm.all_gather(vec.to(torch.bfloat16), group, link)]
+    elif precision == "int8":
+        q, scale = compress.int8_encode(vec)
+        parts = [compress.int8_decode(qq, ss, d) for qq, ss in
+                 zip(comm.all_gather(q, group, link), comm.all_gather(scale, group, link))]
+    elif precision == "int4":
+        q, scale = compress.int4_encode(vec)
+        parts = [compress.int4_decode(qq, ss, d) for qq, ss in
+                 zip(comm.all_gather(q, group, link), comm.all_gather(scale, group, link))]
+    else:
+        raise ValueError(f"unknown precision {precision}: choose one of {PRECISIONS}")
+    total = torch.zeros(d)
+    for p in parts:
+        total += p
+    return total.div_(n)

@@ -1,0 +1,85 @@
+"""How the replicas of a stage stay together: one object per rank, built from `sync:` in the config.
+
+  before_update(): after backward, before the inner step (DDP: average the gradients, maybe EF21-compressed)
+  after_update(done): after the inner step (DiLoCo / NoLoCo: an outer step every H steps)
+"""
+from __future__ import annotations
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from config import SyncConfig
+from dist.comm import CROSS, Comm
+from dist.groups import Groups
+from optim.diloco import DiLoCo
+from optim.ef21 import ErrorFeedback
+from optim.noloco import NoLoCo
+from optim.reduce import mean_over_group
+
+
+class DDPSync:
+    """Average every gradient over the same stage of all replicas, every step, in one flat bucket."""
+
+    def __init__(self, params: list[torch.nn.Parameter], ef: ErrorFeedback | None, comm: Comm, group, n: int):
+        self.params, self.ef, self.comm, self.group, self.n = params, ef, comm, group, n
+
+    @torch.no_grad()
+    def before_update(self) -> None:
+        if self.n == 1:
+            return
+        grads = [p.grad for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        avg = self.ef.aggregate(flat) if self.ef else mean_over_group(flat, "fp32", self.comm, self.group, CROSS, self.n)
+        for g, synced in zip(grads, _unflatten_dense_tensors(avg, grads)):
+            g.copy_(synced)
+
+    def after_update(self, done: int) -> list[int]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"ef": self.ef.state_dict() if self.ef else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ef and state.get("ef"):
+            self.ef.load_state_dict(state["ef"])
+
+
+class OuterSync:
+    """DiLoCo or NoLoCo: nothing per step, an outer step every H steps."""
+
+    def __init__(self, outer: DiLoCo | NoLoCo):
+        self.outer = outer
+
+    def before_update(self) -> None:
+        pass
+
+    def after_update(self, done: int) -> list[int]:
+        return self.outer.after_update(done)
+
+    def state_dict(self) -> dict:
+        return self.outer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.outer.load_state_dict(state)
+
+
+def _error_feedback(cfg: SyncConfig, seed: int, comm: Comm, group, n: int) -> ErrorFeedback:
+    kind, _, compressor = cfg.compress.partition("-")
+    return ErrorFeedback(kind, compressor, cfg.ratio, cfg.ef_eta, cfg.chunk, seed, comm, group, CROSS, n)
+
+
+def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, replica: int, replicas: int,
+               stage: int, seed: int) -> DDPSync | OuterSync:
+    params = list(module.parameters())
+    stage_seed = seed * 7919 + stage  # the same on every replica of this stage (Rand-K's shared index set)
+    ef = cfg.compress != "none"
+    if cfg.method == "ddp":
+        return DDPSync(params, _error_feedback(cfg, stage_seed, comm, groups.stage, replicas) if ef else None,
+                       comm, groups.stage, replicas)
+    if cfg.method == "diloco":
+        efs = ([_error_feedback(cfg, stage_seed + f, comm, groups.stage, replicas) for f in range(cfg.fragments)]
+               if ef else None)
+        return OuterSync(DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum,
+                                cfg.nesterov, cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas))
+    return OuterSync(NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, replicas, seed, comm,
+                            groups.replica_pairs))
