@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             extra = {"rng": torch.get_rng_state(), "loader": loader.state_dict(), "step": done,
                      "sync": sync.state_dict(), "replicas": topo.replicas}
-            path = checkpoint.save(ckpt_root, done, module, optimizer, extra, (replica, stage), cfg.checkpoint.keep)
+            path = checkpoint.save(ckpt_root, done, module, optimizer, extra, (replica, stage), cfg.checkpoint.keep,
+                                   replicas_differ=cfg.sync.method != "ddp")
             log.say(f"step {done} | checkpoint {path}")
 
     summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": meter.overall(),

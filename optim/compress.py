@@ -55,9 +55,16 @@ def randk_indices(d: int, ratio: float, seed: int) -> torch.Tensor:
     return torch.randperm(d, generator=g)[:k]
 
 
+def _even_chunk(d: int, max_chunk: int) -> int:
+    """The smallest even chunk size that splits d into as few chunks as max_chunk would (little padding)."""
+    n_chunks = -(-d // max_chunk)
+    chunk = -(-d // n_chunks)
+    return chunk + chunk % 2
+
+
 def int8_encode(vec: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-chunk int8: (values int8, scales fp32). Round to nearest: contractive up to rounding."""
-    rows = _padded(vec, chunk)
+    rows = _padded(vec, _even_chunk(vec.numel(), chunk))
     scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
     return (rows / scale).round().clamp(-127, 127).to(torch.int8), scale.view(-1)
 
@@ -68,7 +75,7 @@ def int8_decode(q: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
 
 def int4_encode(vec: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-chunk 4-bit (levels -7..7), two values packed per byte: (uint8 packed, scales fp32)."""
-    rows = _padded(vec, chunk)
+    rows = _padded(vec, _even_chunk(vec.numel(), chunk))
     scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 7.0
     q = ((rows / scale).round().clamp(-7, 7) + 8).to(torch.uint8).view(-1)
     return q[0::2] | (q[1::2] << 4), scale.view(-1)

@@ -33,15 +33,17 @@ class ErrorFeedback:
         self.g_i = self.g = self.v = self.e = None
         self.rounds = 0
 
+    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t] if self.n == 1 else self.comm.all_gather(t, self.group, self.link)
+
     def _compress_and_mean(self, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(C(vec) as this rank applies it, the group mean of every rank's C(vec_j)), identical on every rank."""
         d = vec.numel()
         if self.compressor == "topk":
             s = compress.topk_encode(vec, self.ratio, self.chunk)
-            values = self.comm.all_gather(s.values, self.group, self.link)
+            values = self._gather(s.values)
             # gloo has no int16 collectives: the offsets travel as their raw bytes
-            offsets = [o.view(torch.int16) for o in
-                       self.comm.all_gather(s.offsets.contiguous().view(torch.uint8), self.group, self.link)]
+            offsets = [o.view(torch.int16) for o in self._gather(s.offsets.contiguous().view(torch.uint8))]
             mean = torch.zeros(d)
             for v, o in zip(values, offsets):
                 mean += compress.topk_decode(compress.Sparse(v, o), d, self.chunk)

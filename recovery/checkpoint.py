@@ -47,15 +47,21 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
-def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, int], keep: int) -> str:
-    """Collective over the default group: every rank writes its shards, rank 0 seals and renames."""
+def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, int], keep: int,
+         replicas_differ: bool) -> str:
+    """Collective over the default group: every rank writes its shards, rank 0 seals and renames.
+
+    Weights live under `replica<r>.`: replicas that may differ (DiLoCo, NoLoCo) each save their own;
+    identical replicas (DDP) all save as replica 0, which DCP writes once.
+    """
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp-step_{step:08d}")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp)
+    namespace = f"replica{slot[0] if replicas_differ else 0}"
+    dcp.save({namespace: {"model": model_sd, "optim": optim_sd["state"]}}, checkpoint_id=tmp)
     torch.save(extra, os.path.join(tmp, f"extra-r{slot[0]}s{slot[1]}.pt"))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -120,14 +126,17 @@ def choose(root: str, resume: str, log) -> str | None:
 
 
 def load(path: str, model, optimizer, slot: tuple[int, int]) -> dict:
-    """Load this rank's stage (re-sharded by parameter name) and optimizer; returns its extra state (or {})."""
+    """Load this rank's stage (re-sharded by parameter name) and optimizer from its replica's weights, or
+    replica 0's when the checkpoint has none of its own; returns its extra state (or {})."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd["state"]}
     try:
+        saved = {k.split(".", 1)[0] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata}
+        namespace = f"replica{slot[0]}" if f"replica{slot[0]}" in saved else "replica0"
+        state = {namespace: {"model": model_sd, "optim": optim_sd["state"]}}
         dcp.load(state, checkpoint_id=path)
     except Exception as err:  # DCP raises many types; name the checkpoint and the cause
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(err).splitlines()[0]}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]})
+    set_state_dict(model, optimizer, model_state_dict=state[namespace]["model"],
+                   optim_state_dict={"state": state[namespace]["optim"], "param_groups": optim_sd["param_groups"]})
     extra = os.path.join(path, f"extra-r{slot[0]}s{slot[1]}.pt")
     return torch.load(extra, weights_only=False) if os.path.exists(extra) else {}

@@ -48,12 +48,14 @@ def check_identical(tmp_path, killed, whole, replicas):
         samples = [s for x in got for s in x["samples"]]
         assert len(samples) == len(set(samples))  # nothing repeated (and with the step list, nothing lost)
     a, b = final_weights(killed, 12, tmp_path), final_weights(whole, 12, tmp_path)
-    assert a["model"].keys() == b["model"].keys() and len(a["model"]) > 0
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["optim"]:
-        for name, t in a["optim"][k].items():
-            assert torch.equal(t, b["optim"][k][name]), (k, name)
+    assert a.keys() == b.keys() and "replica0" in a
+    for ns in a:
+        assert a[ns]["model"].keys() == b[ns]["model"].keys() and len(a[ns]["model"]) > 0
+        for k in a[ns]["model"]:
+            assert torch.equal(a[ns]["model"][k], b[ns]["model"][k]), k
+        for k in a[ns]["optim"]:
+            for name, t in a[ns]["optim"][k].items():
+                assert torch.equal(t, b[ns]["optim"][k][name]), (k, name)
 
 
 def test_resume_after_sigkill_two_stages_is_bitwise_identical(tmp_path, corpus_cache):
