@@ -65,6 +65,7 @@ class SyncConfig:
     alpha: float = 0.5  # noloco momentum
     beta: float = 0.7  # noloco step on the pair-mean of theta - phi
     gamma: float = 0.7  # noloco pull towards the pair-mean of phi
+    routing: bool = False  # noloco's random pipeline routing: micro-batches change replica between stages
 
 
 @dataclass
@@ -187,6 +188,9 @@ def validate(cfg: Config) -> None:
     if p.schedule not in ("gpipe", "1f1b"):
         raise ConfigError(f"parallel.schedule='{p.schedule}': choose gpipe or 1f1b")
     validate_sync(cfg.sync)
+    if cfg.sync.routing and (p.stages < 2 or p.replicas < 2):
+        raise ConfigError("sync.routing moves micro-batches between replicas at stage boundaries: it needs "
+                          "parallel.stages >= 2 and parallel.replicas >= 2")
     if cfg.data.tokenizer not in ("byte", "bpe"):
         raise ConfigError(f"data.tokenizer='{cfg.data.tokenizer}': choose byte or bpe")
     if cfg.data.source not in ("stdlib", "path"):

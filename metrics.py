@@ -81,10 +81,12 @@ class RunLog:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
 
-    def comm_scalars(self, step: int, bytes_sent: dict[str, float]) -> None:
+    def comm_scalars(self, step: int, comm) -> None:
+        """This rank's bytes sent and collective calls so far, per link class."""
         if self.tb_comm:
-            for link, b in bytes_sent.items():
+            for link, b in comm.totals().items():
                 self.tb_comm.add_scalar(f"comm/bytes_{link}", b, step)
+                self.tb_comm.add_scalar(f"comm/collectives_{link}", comm.calls.get(link, 0), step)
 
     def close(self) -> None:
         for f in (self.metrics, self.ledger, self.sync, self.tb, self.tb_comm):

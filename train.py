@@ -21,6 +21,7 @@ from data.loader import ReplicaLoader, validation_batches
 from dist.comm import CROSS, Comm
 from dist.groups import build_groups
 from dist.pipeline import eval_step, train_step
+from dist.routing import local_microbatches
 from dist.topology import Topology
 from metrics import RunLog, Throughput, warn
 from model.stages import build_stage
@@ -77,11 +78,11 @@ def choose_checkpoint(cfg: Config, root: str) -> tuple[str | None, int]:
     return path, step
 
 
-def evaluate(module, batches, groups, comm, cfg: Config, device) -> float:
+def evaluate(module, batches, replica: int, groups, comm, cfg: Config, device) -> float:
     """Mean validation token loss of this replica's model on the held-out batches (meaningful on the last stage)."""
     module.eval()
-    loss_sum = sum(eval_step(module, [mb.to(device) for mb in b.split(cfg.parallel.microbatches)], groups, comm)
-                   for b in batches)
+    loss_sum = sum(eval_step(module, [mb.to(device) for mb in b.split(cfg.parallel.microbatches)], replica, groups,
+                             comm) for b in batches)
     module.train()
     return loss_sum / sum(b.n_tokens for b in batches)
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_world(cfg, world)
     topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
     replica, stage = topo.slot(rank)
-    groups = build_groups(topo, rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco")
+    groups = build_groups(topo, rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco",
+                          routing=cfg.sync.routing)
     comm = Comm()
 
     corpus = load_corpus(cfg.data)
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = torch.tensor([float(sum(p.numel() for p in params))])
     comm.all_reduce(n_params, groups.replica, "setup")
     log.say(f"flotilla: {topo.replicas} replica(s) x {topo.stages} stage(s), {cfg.parallel.schedule} with "
-            f"{cfg.parallel.microbatches} micro-batches | model {n_params.item() / 1e6:.2f}M params | corpus "
+            f"{cfg.parallel.microbatches} micro-batches | sync {cfg.sync.method}"
+            f"{'+' + cfg.sync.compress if cfg.sync.compress != 'none' else ''} | model {n_params.item() / 1e6:.2f}M params | corpus "
             f"{len(corpus.train)} train / {len(corpus.val)} val windows of {cfg.data.seq_len} tokens | unigram "
             f"entropy {corpus.unigram_entropy:.3f} nats" + (f" | resumed from {resume_path}" if resume_path else ""))
 
@@ -130,10 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     val_loss, loss_sum_interval, steps_interval = float("nan"), 0.0, 0
     for step in range(start, cfg.train.steps):
         t0 = time.perf_counter()
-        batch = loader.next_batch().to(device)
-        microbatches = batch.split(cfg.parallel.microbatches)
-        loss = train_step(module, microbatches, groups, comm, cfg.parallel.schedule, stage, topo.stages,
-                          batch.n_tokens)
+        batch = loader.next_batch()  # this replica's samples (the ledger)
+        microbatches, hops = local_microbatches(batch, loader, step, cfg.parallel.microbatches, replica, stage,
+                                                topo.replicas, topo.stages, cfg.train.seed, cfg.sync.routing)
+        loss = train_step(module, [mb.to(device) for mb in microbatches], hops, groups, comm,
+                          cfg.parallel.schedule, stage, topo.stages, batch.n_tokens)
         if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or rank in cfg.fault.kill_ranks):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, before the update
         sync.before_update()
@@ -158,15 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
             sent = comm.totals()
             log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps,
                                "train/grad_norm": grad_norm})
-            log.comm_scalars(done, sent)
+            log.comm_scalars(done, comm)
             log.say(f"step {done}/{cfg.train.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                     f"grad {grad_norm:.3f} | sent intra {sent['intra_replica'] / 1e6:.1f} MB, "
                     f"cross {sent[CROSS] / 1e6:.1f} MB")
             loss_sum_interval, steps_interval = 0.0, 0
         if replica == 0 and cfg.log.eval_every and (done % cfg.log.eval_every == 0 or done == cfg.train.steps):
-            val_loss = evaluate(module, val_batches, groups, comm, cfg, device)
+            val_loss = evaluate(module, val_batches, replica, groups, comm, cfg, device)
             log.scalars(done, {"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
-            log.record_step(step, val_loss=val_loss)
+            log.record_step(step, val_loss=val_loss, cross_bytes=comm.bytes_sent[CROSS])
             log.say(f"step {done} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             extra = {"rng": torch.get_rng_state(), "loader": loader.state_dict(), "step": done,

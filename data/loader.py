@@ -55,16 +55,22 @@ class ReplicaLoader:
             self._perm_epoch = epoch
         return self._perm
 
-    def sample_ids(self, step: int) -> np.ndarray:
+    def sample_ids(self, step: int, replica: int | None = None) -> np.ndarray:
+        """The window indices replica (default: this one) reads at step."""
         n = len(self.windows)
-        start = (step * self.replicas + self.replica) * self.batch_size
+        replica = self.replica if replica is None else replica
+        start = (step * self.replicas + replica) * self.batch_size
         positions = np.arange(start, start + self.batch_size)
         return np.array([self._permutation(int(p // n))[p % n] for p in positions])
 
     def next_batch(self) -> Batch:
-        batch = make_batch(self.windows, self.sample_ids(self.step), self.eos)
+        batch = self.batch_at(self.step)
         self.step += 1
         return batch
+
+    def batch_at(self, step: int, replica: int | None = None) -> Batch:
+        """Any replica's batch of any step, without moving this loader (random routing reads others')."""
+        return make_batch(self.windows, self.sample_ids(step, replica), self.eos)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "replicas": self.replicas, "batch_size": self.batch_size}

@@ -6,35 +6,44 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from dist.comm import CROSS, INTRA
 from dist.topology import Topology
 
 
 @dataclass
 class Link:
-    """A 2-rank group to one pipeline neighbour for one direction of traffic."""
+    """A 2-rank group to one peer (a pipeline neighbour for one direction of traffic, or a replica)."""
     group: object
     peer: int  # global rank of the other end
+    kind: str = INTRA  # link class for byte accounting: INTRA (same replica) or CROSS
+
+
+@dataclass
+class NeighbourLinks:
+    """The two 2-rank groups to one rank of a neighbouring stage: activations (fwd), their gradients (bwd)."""
+    fwd: Link
+    bwd: Link
 
 
 @dataclass
 class Groups:
     stage: object  # this stage on every replica (cross-replica)
     replica: object  # every stage of this replica (intra-replica)
-    send_fwd: Link | None  # activations to the next stage
-    recv_fwd: Link | None  # activations from the previous stage
-    send_bwd: Link | None  # activation gradients to the previous stage
-    recv_bwd: Link | None  # activation gradients from the next stage
+    next: dict[int, NeighbourLinks]  # replica -> links to its next stage (own replica only, unless routing)
+    prev: dict[int, NeighbourLinks]  # replica -> links to its previous stage
     replica_pairs: dict[int, Link]  # other replica -> 2-rank group with its copy of this stage (NoLoCo)
 
 
-def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: bool = False) -> Groups:
+def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: bool = False,
+                 routing: bool = False) -> Groups:
     """Every rank calls new_group for every group in the same order (torch.distributed's rule).
 
-    replica_pairs: also a 2-rank group between every two replicas of each stage (for NoLoCo).
+    replica_pairs: also a 2-rank group between every two replicas of each stage (NoLoCo's exchange).
+    routing: links from every replica's stage s to every replica's stage s + 1 (random routing).
     """
     timeout = timedelta(seconds=timeout_s)
     replica, stage = topo.slot(rank)
-    mine = {}
+    mine: dict = {"next": {}, "prev": {}}
     for s in range(topo.stages):
         g = dist.new_group(topo.stage_ranks(s), timeout=timeout)
         if s == stage:
@@ -43,15 +52,16 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
         g = dist.new_group(topo.replica_ranks(r), timeout=timeout)
         if r == replica:
             mine["replica"] = g
-    for r in range(topo.replicas):
-        for s in range(topo.stages - 1):
-            a, b = topo.rank(r, s), topo.rank(r, s + 1)
-            fwd = dist.new_group([a, b], timeout=timeout)
-            bwd = dist.new_group([a, b], timeout=timeout)
-            if rank == a:
-                mine["send_fwd"], mine["recv_bwd"] = Link(fwd, b), Link(bwd, b)
-            if rank == b:
-                mine["recv_fwd"], mine["send_bwd"] = Link(fwd, a), Link(bwd, a)
+    for s in range(topo.stages - 1):
+        for ra in range(topo.replicas):
+            for rb in range(topo.replicas) if routing else (ra,):
+                a, b = topo.rank(ra, s), topo.rank(rb, s + 1)
+                fwd, bwd = dist.new_group([a, b], timeout=timeout), dist.new_group([a, b], timeout=timeout)
+                kind = INTRA if ra == rb else CROSS
+                if rank == a:
+                    mine["next"][rb] = NeighbourLinks(Link(fwd, b, kind), Link(bwd, b, kind))
+                if rank == b:
+                    mine["prev"][ra] = NeighbourLinks(Link(fwd, a, kind), Link(bwd, a, kind))
     pairs = {}
     for s in range(topo.stages) if replica_pairs else ():
         for a in range(topo.replicas):
@@ -59,6 +69,5 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
                 ra, rb = topo.rank(a, s), topo.rank(b, s)
                 g = dist.new_group([ra, rb], timeout=timeout)
                 if rank in (ra, rb):
-                    pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra)
-    return Groups(mine["stage"], mine["replica"], mine.get("send_fwd"), mine.get("recv_fwd"),
-                  mine.get("send_bwd"), mine.get("recv_bwd"), pairs)
+                    pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra, CROSS)
+    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs)

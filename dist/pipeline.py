@@ -30,56 +30,64 @@ def _activation(mb: Batch, dim: int) -> torch.Tensor:
     return torch.empty(*mb.inputs.shape, dim)
 
 
-def train_step(module: Stage, microbatches: list[Batch], groups: Groups, comm: Comm, kind: str,
-               stage: int, stages: int, n_tokens: int) -> float:
+def train_step(module: Stage, microbatches: list[Batch], hops: list[tuple[int, int]], groups: Groups, comm: Comm,
+               kind: str, stage: int, stages: int, n_tokens: int) -> float:
     """Forward and backward of every micro-batch; leaves gradients in `module`.
 
-    Returns this replica's mean token loss on the last stage (nan elsewhere). Each micro-batch's loss is
-    divided by the whole batch's token count, so gradients equal those of the full batch at once.
+    hops[i] = (replica of the previous stage, replica of the next stage) for micro-batch i: this replica
+    for plain pipelines, others under random routing. Returns the summed micro-batch losses on the last
+    stage (nan elsewhere); each is divided by the whole batch's token count, so gradients equal those of
+    the full batch at once.
     """
     pending, saved = [], {}
     loss = torch.zeros(())
     for op, i in schedule(kind, stage, stages, len(microbatches)):
-        mb = microbatches[i]
+        mb, (prev_r, next_r) = microbatches[i], hops[i]
         if op == "F":
             if module.first:
                 x = mb.inputs
             else:
-                x = comm.recv(_activation(mb, module.cfg.dim), groups.recv_fwd.group, groups.recv_fwd.peer)
+                link = groups.prev[prev_r].fwd
+                x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer)
                 x.requires_grad_(True)
             out = module(x, module.prepare(mb.doc_ids))
             if module.last:
                 out = token_loss_sum(out, mb.targets) / n_tokens
                 loss += out.detach()
             else:
-                pending.append(comm.send(out.detach(), groups.send_fwd.group))
+                link = groups.next[next_r].fwd
+                pending.append(comm.send(out.detach(), link.group, link.kind))
             saved[i] = (x, out)
         else:
             x, out = saved.pop(i)
             if module.last:
                 out.backward()
             else:
-                grad = comm.recv(torch.empty_like(out), groups.recv_bwd.group, groups.recv_bwd.peer)
-                out.backward(grad)
+                link = groups.next[next_r].bwd
+                out.backward(comm.recv(torch.empty_like(out), link.group, link.peer))
             if not module.first:
-                pending.append(comm.send(x.grad, groups.send_bwd.group))
+                link = groups.prev[prev_r].bwd
+                pending.append(comm.send(x.grad, link.group, link.kind))
     for work in pending:
         work.wait()
     return float(loss) if module.last else float("nan")
 
 
 @torch.no_grad()
-def eval_step(module: Stage, microbatches: list[Batch], groups: Groups, comm: Comm) -> float:
-    """Forward only; returns the summed token loss on the last stage (0 elsewhere)."""
+def eval_step(module: Stage, microbatches: list[Batch], replica: int, groups: Groups, comm: Comm) -> float:
+    """Forward only, along this replica's own stages; returns the summed token loss on the last stage (0 elsewhere)."""
     pending, loss_sum = [], 0.0
     for mb in microbatches:
-        x = mb.inputs if module.first else comm.recv(_activation(mb, module.cfg.dim), groups.recv_fwd.group,
-                                                       groups.recv_fwd.peer)
+        if module.first:
+            x = mb.inputs
+        else:
+            link = groups.prev[replica].fwd
+            x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer)
         out = module(x, module.prepare(mb.doc_ids))
         if module.last:
             loss_sum += float(token_loss_sum(out, mb.targets))
         else:
-            pending.append(comm.send(out, groups.send_fwd.group))
+            pending.append(comm.send(out, groups.next[replica].fwd.group))
     for work in pending:
         work.wait()
     return loss_sum

@@ -64,7 +64,7 @@ class NoLoCo:
         peer_phi = peer_Delta = None
         if peer is not None:
             link = self.pair_links[peer]
-            theirs = self.comm.exchange(torch.cat([self.phi, theta - self.phi]), link.group, link.peer)
+            theirs = self.comm.exchange(torch.cat([self.phi, theta - self.phi]), link.group, link.peer, link.kind)
             peer_phi, peer_Delta = theirs.split(self.phi.numel())
         noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
         for p, new in zip(self.params, _unflatten_dense_tensors(self.phi, self.params)):

@@ -150,9 +150,9 @@ def test_low_bit_round_trip_error_is_within_half_a_step(bits):
                         else (compress.int4_encode, compress.int4_decode, 7))
     q, scale = enc(v)
     out = dec(q, scale, v.numel())
-    step = torch.repeat_interleave(scale, 4096)[: v.numel()]
+    step = torch.repeat_interleave(scale, 3000)[: v.numel()]  # 9000 values: 3 chunks of 3000, no padding
     assert ((out - v).abs() <= step / 2 + 1e-6).all()
-    assert q.numel() * q.element_size() == (4096 * 3 if bits == 8 else 4096 * 3 // 2)
+    assert q.numel() * q.element_size() == (9000 if bits == 8 else 4500) and scale.numel() == 3
     assert torch.allclose(v.abs().max() / levels, scale.max())
 
 

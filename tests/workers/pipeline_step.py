@@ -28,7 +28,8 @@ def main(out_dir: str, stages: int, kind: str, microbatches: int) -> None:
     module = build_stage(cfg, stage, stages, max_seq_len=32, seed=7)
     batch = tiny_batch(cfg, seed=replica)
     comm = Comm()
-    loss = train_step(module, batch.split(microbatches), groups, comm, kind, stage, stages, batch.n_tokens)
+    loss = train_step(module, batch.split(microbatches), [(replica, replica)] * microbatches, groups, comm, kind,
+                      stage, stages, batch.n_tokens)
     grads = {n: p.grad for n, p in module.named_parameters()}
     torch.save({"loss": loss, "grads": grads, "bytes": comm.totals()}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
