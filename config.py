@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -221,7 +222,6 @@ def validate_sync(s: SyncConfig) -> None:
     if s.H < 1 or s.fragments < 1 or s.fragments > s.H:
         raise ConfigError(f"sync.H={s.H} and sync.fragments={s.fragments}: need H >= 1 and 1 <= fragments <= H")
     if s.method == "noloco":
-        import math
         if not s.beta > s.alpha or not s.alpha < s.gamma < math.sqrt(2 + s.alpha ** 2):
             raise ConfigError(f"sync.alpha={s.alpha}, beta={s.beta}, gamma={s.gamma} break NoLoCo's convergence "
                               f"conditions: need beta > alpha and alpha < gamma < sqrt(2 + alpha^2)")

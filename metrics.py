@@ -105,14 +105,12 @@ class Throughput:
     def add(self, seconds: float) -> None:
         self.seconds.append(seconds)
 
-    def _rate(self, seconds: list[float]) -> float:
-        return len(seconds) * self.tokens_per_step / max(sum(seconds), 1e-9)
-
     def interval(self) -> float:
         """tokens/s over the steps since the previous call."""
         recent, self.mark = self.seconds[self.mark:], len(self.seconds)
-        return self._rate(recent)
+        return len(recent) * self.tokens_per_step / max(sum(recent), 1e-9)
 
     def overall(self) -> float:
-        """Steady-state tokens/s: the median step after warm-up (robust to a noisy, shared machine)."""
-        return self.tokens_per_step / max(statistics.median(self.seconds[self.skip:] or self.seconds), 1e-9)
+        """Steady-state tokens/s: the median step after warm-up (robust to a noisy, shared machine); 0 if none ran."""
+        steps = self.seconds[self.skip:] or self.seconds
+        return self.tokens_per_step / max(statistics.median(steps), 1e-9) if steps else 0.0

@@ -66,3 +66,13 @@ def test_resume_after_sigkill_two_stages_is_bitwise_identical(tmp_path, corpus_c
 def test_resume_single_process_is_bitwise_identical(tmp_path, corpus_cache):
     killed, whole = run_killed_and_resumed(tmp_path, corpus_cache, 1, ["parallel.replicas=1", "parallel.stages=1"])
     check_identical(tmp_path, killed, whole, replicas=1)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_exits_cleanly(tmp_path, corpus_cache):
+    run_dir = str(tmp_path / "run")
+    common = TINY + ["parallel.replicas=1", "parallel.stages=1", f"data.cache_dir={corpus_cache}",
+                     f"log.run_dir={run_dir}"]
+    run(train_cmd(1, *common))
+    again = run(train_cmd(1, *common, "checkpoint.resume=latest"))
+    assert "resumed from" in again.stdout and "step_00000012" in again.stdout
+    assert [r["step"] for r in read_jsonl(os.path.join(run_dir, "ledger", "replica0.jsonl"))] == list(range(12))
