@@ -27,7 +27,7 @@ def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tupl
 
 
 def _activation(mb: Batch, dim: int) -> torch.Tensor:
-    return torch.empty(*mb.inputs.shape, dim)
+    return torch.empty(*mb.inputs.shape, dim, device=mb.inputs.device)
 
 
 def train_step(module: Stage, microbatches: list[Batch], hops: list[tuple[int, int]], groups: Groups, comm: Comm,
@@ -40,7 +40,7 @@ def train_step(module: Stage, microbatches: list[Batch], hops: list[tuple[int, i
     the full batch at once.
     """
     pending, saved = [], {}
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=microbatches[0].inputs.device)
     for op, i in schedule(kind, stage, stages, len(microbatches)):
         mb, (prev_r, next_r) = microbatches[i], hops[i]
         if op == "F":

@@ -43,7 +43,7 @@ def topk_encode(vec: torch.Tensor, ratio: float, chunk: int = 32768) -> Sparse:
 
 
 def topk_decode(s: Sparse, d: int, chunk: int = 32768) -> torch.Tensor:
-    rows = torch.zeros(s.values.shape[0], chunk, dtype=torch.float32)
+    rows = s.values.new_zeros(s.values.shape[0], chunk)
     rows.scatter_(1, s.offsets.long(), s.values)
     return rows.view(-1)[:d]
 

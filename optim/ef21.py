@@ -44,15 +44,15 @@ class ErrorFeedback:
             values = self._gather(s.values)
             # gloo has no int16 collectives: the offsets travel as their raw bytes
             offsets = [o.view(torch.int16) for o in self._gather(s.offsets.contiguous().view(torch.uint8))]
-            mean = torch.zeros(d)
+            mean = vec.new_zeros(d)
             for v, o in zip(values, offsets):
                 mean += compress.topk_decode(compress.Sparse(v, o), d, self.chunk)
             return compress.topk_decode(s, d, self.chunk), mean.div_(self.n)
         if self.compressor == "randk":
-            idx = compress.randk_indices(d, self.ratio, self.seed * 1_000_003 + self.rounds)
-            own = torch.zeros(d)
+            idx = compress.randk_indices(d, self.ratio, self.seed * 1_000_003 + self.rounds).to(vec.device)
+            own = vec.new_zeros(d)
             own[idx] = vec[idx]
-            mean = torch.zeros(d)
+            mean = vec.new_zeros(d)
             mean[idx] = mean_over_group(vec[idx].contiguous(), "fp32", self.comm, self.group, self.link, self.n)
             return own, mean
         q, scale = compress.int8_encode(vec)

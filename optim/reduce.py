@@ -34,7 +34,7 @@ def mean_over_group(vec: torch.Tensor, precision: str, comm: Comm, group, link: 
                  zip(comm.all_gather(q, group, link), comm.all_gather(scale, group, link))]
     else:
         raise ValueError(f"unknown precision {precision}: choose one of {PRECISIONS}")
-    total = torch.zeros(d)
+    total = vec.new_zeros(d, dtype=torch.float32)
     for p in parts:
         total += p
     return total.div_(n)
