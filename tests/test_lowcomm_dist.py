@@ -78,3 +78,22 @@ def test_resume_restores_sync_state_bitwise(tmp_path, corpus_cache, sync):
     check_identical(tmp_path, killed, whole, replicas=2)
     saved = set(final_weights(killed, 12, tmp_path))
     assert saved == ({"replica0", "replica1"} if "sync.method=diloco" in sync else {"replica0"})  # DDP: one copy
+
+
+def test_ef21_state_resets_to_a_dense_round_when_the_replica_count_changes(tmp_path, corpus_cache):
+    """The documented reset rule: resumed with 3 replicas from a 2-replica checkpoint, EF21 starts over
+    with one dense all-reduce, then 2 all-gathers (values, offsets) per step."""
+    from tests.test_resume import TINY
+    run_dir = str(tmp_path / "run")
+    common = [*TINY, "parallel.stages=1", "sync.compress=ef21-topk", f"data.cache_dir={corpus_cache}",
+              f"log.run_dir={run_dir}", "train.steps=8"]
+    first = run(train_cmd(2, *common, "parallel.replicas=2", "fault.kill_at_step=6"), check=False)
+    assert first.returncode != 0
+    run(train_cmd(3, *common, "parallel.replicas=3", "checkpoint.resume=latest"))
+    assert summary_of(run_dir)["collectives"]["cross_replica"] == 1 + 2 * 2  # steps 5, 6, 7
+    same = str(tmp_path / "same")  # control: same replica count, the state is restored (no dense round)
+    run(train_cmd(2, *[c for c in common if not c.startswith("log.run_dir")], f"log.run_dir={same}",
+                  "parallel.replicas=2", "train.steps=5"))
+    run(train_cmd(2, *[c for c in common if not c.startswith("log.run_dir")], f"log.run_dir={same}",
+                  "parallel.replicas=2", "checkpoint.resume=latest"))
+    assert summary_of(same)["collectives"]["cross_replica"] == 2 * 3
