@@ -67,6 +67,7 @@ class SyncConfig:
     beta: float = 0.7  # noloco step on the pair-mean of theta - phi
     gamma: float = 0.7  # noloco pull towards the pair-mean of phi
     routing: bool = False  # noloco's random pipeline routing: micro-batches change replica between stages
+    final_average: bool = False  # diloco/noloco: one all-reduce of the weights at the last step (one model to export)
 
 
 @dataclass

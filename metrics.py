@@ -62,8 +62,9 @@ class RunLog:
             self.ledger.write(json.dumps({"step": step, "samples": sample_ids}) + "\n")
             self.ledger.flush()
 
-    def record_sync(self, step: int, fragments: list[int], params, comm) -> None:
-        """An outer step: which fragments, this rank's weights digest (replicas compare it), bytes so far."""
+    def record_sync(self, step: int, fragments: list, params, comm) -> None:
+        """An outer step: which fragments (and "average" for a final average), this rank's weights digest
+        (replicas compare it), bytes so far."""
         digest = 0
         for p in params:
             digest = zlib.crc32(p.detach().cpu().numpy().tobytes(), digest)

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = list(module.parameters())
     optimizer = build_optimizer(module, cfg.optim)
     loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, replica, topo.replicas, cfg.train.batch_size)
-    sync = build_sync(cfg.sync, module, groups, comm, replica, topo.replicas, stage, cfg.train.seed)
+    sync = build_sync(cfg.sync, module, groups, comm, replica, topo.replicas, stage, cfg.train.seed, cfg.train.steps)
     val_batches = validation_batches(corpus.val, corpus.eos, cfg.log.eval_batches, cfg.train.batch_size, 0, 1)
 
     ckpt_root = os.path.join(cfg.log.run_dir, "checkpoints")

@@ -45,16 +45,27 @@ class DDPSync:
 
 
 class OuterSync:
-    """DiLoCo or NoLoCo: nothing per step, an outer step every H steps."""
+    """DiLoCo or NoLoCo: nothing per step, an outer step every H steps; optionally, at the last step, one
+    all-reduce that averages the replicas' weights so the run ends with a single model to export."""
 
-    def __init__(self, outer: DiLoCo | NoLoCo):
-        self.outer = outer
+    def __init__(self, outer: DiLoCo | NoLoCo, params: list[torch.nn.Parameter], average_at: int | None,
+                 comm: Comm, group, n: int):
+        self.outer, self.params, self.average_at = outer, params, average_at
+        self.comm, self.group, self.n = comm, group, n
 
     def before_update(self) -> None:
         pass
 
-    def after_update(self, done: int) -> list[int]:
-        return self.outer.after_update(done)
+    @torch.no_grad()
+    def after_update(self, done: int) -> list:
+        synced = self.outer.after_update(done)
+        if done == self.average_at:
+            flat = _flatten_dense_tensors([p.detach().float() for p in self.params])
+            avg = mean_over_group(flat, "fp32", self.comm, self.group, CROSS, self.n)
+            for p, new in zip(self.params, _unflatten_dense_tensors(avg, self.params)):
+                p.copy_(new)
+            synced = [*synced, "average"]
+        return synced
 
     def state_dict(self) -> dict:
         return self.outer.state_dict()
@@ -69,7 +80,7 @@ def _error_feedback(cfg: SyncConfig, seed: int, comm: Comm, group, n: int) -> Er
 
 
 def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, replica: int, replicas: int,
-               stage: int, seed: int) -> DDPSync | OuterSync:
+               stage: int, seed: int, total_steps: int) -> DDPSync | OuterSync:
     params = list(module.parameters())
     stage_seed = seed * 7919 + stage  # the same on every replica of this stage (Rand-K's shared index set)
     ef = cfg.compress != "none"
@@ -79,7 +90,9 @@ def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: C
     if cfg.method == "diloco":
         efs = ([_error_feedback(cfg, stage_seed + f, comm, groups.stage, replicas) for f in range(cfg.fragments)]
                if ef else None)
-        return OuterSync(DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum,
-                                cfg.nesterov, cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas))
-    return OuterSync(NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, replicas, seed, comm,
-                            groups.replica_pairs))
+        outer = DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov,
+                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas)
+    else:
+        outer = NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, replicas, seed, comm,
+                       groups.replica_pairs)
+    return OuterSync(outer, params, total_steps if cfg.final_average else None, comm, groups.stage, replicas)

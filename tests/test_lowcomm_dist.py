@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.procs import run, torchrun_cmd, train_cmd
 from tests.test_resume import check_identical, final_weights, read_jsonl, run_killed_and_resumed
@@ -97,3 +98,17 @@ def test_ef21_state_resets_to_a_dense_round_when_the_replica_count_changes(tmp_p
     run(train_cmd(2, *[c for c in common if not c.startswith("log.run_dir")], f"log.run_dir={same}",
                   "parallel.replicas=2", "checkpoint.resume=latest"))
     assert summary_of(same)["collectives"]["cross_replica"] == 2 * 3
+
+
+def test_noloco_final_average_leaves_one_model(tmp_path, corpus_cache):
+    run_dir = str(tmp_path / "run")
+    run(train_cmd(4, *LOWCOMM, "sync.method=noloco", "sync.H=4", "sync.final_average=true",
+                  f"data.cache_dir={corpus_cache}", f"log.run_dir={run_dir}"))
+    assert summary_of(run_dir)["collectives"]["cross_replica"] == 1  # the one export all-reduce
+    for stage in (0, 1):
+        a = read_jsonl(os.path.join(run_dir, "sync", f"rank{stage}.jsonl"))[-1]
+        b = read_jsonl(os.path.join(run_dir, "sync", f"rank{2 + stage}.jsonl"))[-1]
+        assert a["step"] == 12 and a["fragments"] == [0, "average"] and a["digest"] == b["digest"]
+    weights = final_weights(run_dir, 12, tmp_path)
+    for k, t in weights["replica0"]["model"].items():
+        assert torch.equal(t, weights["replica1"]["model"][k]), k
