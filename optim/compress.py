@@ -21,10 +21,9 @@ class Sparse:
         return self.values.numel() * 4 + self.offsets.numel() * 2
 
 
-def chunk_k(d: int, ratio: float, chunk: int) -> tuple[int, int]:
-    """(number of chunks, K per chunk): the same on every rank, at least one value per chunk."""
-    n_chunks = -(-d // chunk)
-    return n_chunks, max(1, round(ratio * min(chunk, d)))
+def chunk_k(d: int, ratio: float, chunk: int) -> int:
+    """K per chunk: the same on every rank, at least one value per chunk."""
+    return max(1, round(ratio * min(chunk, d)))
 
 
 def _padded(vec: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -36,7 +35,7 @@ def _padded(vec: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def topk_encode(vec: torch.Tensor, ratio: float, chunk: int = 32768) -> Sparse:
     assert chunk <= 32768, "offsets are int16"
-    _, k = chunk_k(vec.numel(), ratio, chunk)
+    k = chunk_k(vec.numel(), ratio, chunk)
     rows = _padded(vec, chunk)
     idx = rows.abs().topk(k, dim=1, sorted=False).indices
     return Sparse(rows.gather(1, idx), idx.to(torch.int16))

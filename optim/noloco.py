@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors
+
+from optim.reduce import copy_flat_
 
 
 def partners(replicas: int, seed: int, outer_step: int) -> list[int | None]:
@@ -67,8 +69,7 @@ class NoLoCo:
             theirs = self.comm.exchange(torch.cat([self.phi, theta - self.phi]), link.group, link.peer, link.kind)
             peer_phi, peer_Delta = theirs.split(self.phi.numel())
         noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
-        for p, new in zip(self.params, _unflatten_dense_tensors(self.phi, self.params)):
-            p.copy_(new)
+        copy_flat_(self.params, self.phi)
         return [0]
 
     def state_dict(self) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dist.comm import Comm
 from optim import compress
@@ -38,3 +39,16 @@ def mean_over_group(vec: torch.Tensor, precision: str, comm: Comm, group, link: 
     for p in parts:
         total += p
     return total.div_(n)
+
+
+def copy_flat_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Write a flat vector back into the tensors it was flattened from."""
+    for t, new in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(new)
+
+
+@torch.no_grad()
+def average_in_place_(tensors: list[torch.Tensor], comm: Comm, group, link: str, n: int) -> None:
+    """Replace each tensor by its mean over the group, with one fp32 all-reduce of the flattened bucket."""
+    copy_flat_(tensors, mean_over_group(_flatten_dense_tensors([t.float() for t in tensors]), "fp32", comm, group,
+                                        link, n))

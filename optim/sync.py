@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _flatten_dense_tensors
 
 from config import SyncConfig
 from dist.comm import CROSS, Comm
@@ -14,7 +14,7 @@ from dist.groups import Groups
 from optim.diloco import DiLoCo
 from optim.ef21 import ErrorFeedback
 from optim.noloco import NoLoCo
-from optim.reduce import mean_over_group
+from optim.reduce import average_in_place_, copy_flat_
 
 
 class DDPSync:
@@ -28,10 +28,10 @@ class DDPSync:
         if self.n == 1:
             return
         grads = [p.grad for p in self.params]
-        flat = _flatten_dense_tensors(grads)
-        avg = self.ef.aggregate(flat) if self.ef else mean_over_group(flat, "fp32", self.comm, self.group, CROSS, self.n)
-        for g, synced in zip(grads, _unflatten_dense_tensors(avg, grads)):
-            g.copy_(synced)
+        if self.ef:
+            copy_flat_(grads, self.ef.aggregate(_flatten_dense_tensors(grads)))
+        else:
+            average_in_place_(grads, self.comm, self.group, CROSS, self.n)
 
     def after_update(self, done: int) -> list[int]:
         return []
@@ -60,10 +60,7 @@ class OuterSync:
     def after_update(self, done: int) -> list:
         synced = self.outer.after_update(done)
         if done == self.average_at:
-            flat = _flatten_dense_tensors([p.detach().float() for p in self.params])
-            avg = mean_over_group(flat, "fp32", self.comm, self.group, CROSS, self.n)
-            for p, new in zip(self.params, _unflatten_dense_tensors(avg, self.params)):
-                p.copy_(new)
+            average_in_place_(self.params, self.comm, self.group, CROSS, self.n)
             synced = [*synced, "average"]
         return synced
 
