@@ -115,6 +115,24 @@ class FaultConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """In-process recovery from lost workers (../shared/design/recovery.md): on when `coordinator` is set.
+
+    Workers are then started by `launch/chaos.py` or a node agent (not torchrun) with the secret in the
+    FLOTILLA_SECRET environment variable; ranks come from the coordinator, which decides membership.
+    """
+    coordinator: str = ""  # host:port of `python -m recovery.coordinator`; empty = off
+    run_id: str = "flotilla"
+    heartbeat_s: float = 0.2  # how often a worker beats; the coordinator's heartbeat timeout must be >= 3x
+    rebuild: str = "auto"  # auto: copy from another replica > CheckFree(+) > checkpoint | checkfree | checkpoint
+    checkfree_weight: str = "grad_norm"  # neighbour weights: grad_norm (the paper) | grad_norm_sq | uniform
+    lr_boost: float = 1.1  # a CheckFree-rebuilt stage's learning rate is multiplied by this
+    swap: bool = False  # CheckFree+: odd micro-batches swap the first two / last two stages (edges recoverable)
+    edge_copy_every: int = 10  # CheckFree+: steps between refreshing the (de)embedding copies on the neighbours
+    abort_timeout_s: float = 20.0  # coordinator lost: how long survivors try to agree on a final checkpoint
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +143,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 class ConfigError(ValueError):
@@ -199,6 +218,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source='{cfg.data.source}': choose stdlib or path (with data.path=<folder>)")
     if cfg.data.source == "path" and not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path='{cfg.data.path}' is not a folder: point data.path at a folder of .txt/.jsonl files")
+    validate_recovery(cfg)
     if cfg.checkpoint.resume not in ("none", "latest") and not os.path.isdir(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume='{cfg.checkpoint.resume}' is not a checkpoint folder: use none, latest or a path under <run_dir>/checkpoints")
 
@@ -226,6 +246,28 @@ def validate_sync(s: SyncConfig) -> None:
         if not s.beta > s.alpha or not s.alpha < s.gamma < math.sqrt(2 + s.alpha ** 2):
             raise ConfigError(f"sync.alpha={s.alpha}, beta={s.beta}, gamma={s.gamma} break NoLoCo's convergence "
                               f"conditions: need beta > alpha and alpha < gamma < sqrt(2 + alpha^2)")
+
+
+def validate_recovery(cfg: Config) -> None:
+    r = cfg.recovery
+    if not r.coordinator:
+        if r.swap:
+            raise ConfigError("recovery.swap (CheckFree+) only matters with recovery.coordinator=<host:port>: set both or neither")
+        return
+    host, _, port = r.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"recovery.coordinator='{r.coordinator}' is not host:port, e.g. recovery.coordinator=10.0.0.1:29400")
+    if cfg.sync.method != "ddp":
+        raise ConfigError(f"recovery with sync.method={cfg.sync.method} is not supported yet (replicas drift between "
+                          f"outer steps, so a rollback target is not defined): use sync.method=ddp or no recovery.coordinator")
+    if r.rebuild not in ("auto", "checkfree", "checkpoint"):
+        raise ConfigError(f"recovery.rebuild='{r.rebuild}': choose auto, checkfree or checkpoint")
+    if r.checkfree_weight not in ("grad_norm", "grad_norm_sq", "uniform"):
+        raise ConfigError(f"recovery.checkfree_weight='{r.checkfree_weight}': choose grad_norm, grad_norm_sq or uniform")
+    if r.swap and cfg.sync.routing:
+        raise ConfigError("recovery.swap and sync.routing both reorder the pipeline: use one")
+    if r.heartbeat_s <= 0 or r.edge_copy_every < 1:
+        raise ConfigError("recovery.heartbeat_s must be > 0 and recovery.edge_copy_every >= 1")
 
 
 def check_world(cfg: Config, world_size: int) -> None:

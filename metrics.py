@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import zlib
 
 from torch.utils.tensorboard import SummaryWriter
@@ -36,22 +37,37 @@ class RunLog:
         self.rank, self.replica = rank, replica
         self.is_logger = replica == 0 and stage == stages - 1
         os.makedirs(run_dir, exist_ok=True)
+        self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.ledger_path = os.path.join(run_dir, "ledger", f"replica{replica}.jsonl") if stage == 0 else None
-        if self.is_logger:
-            truncate_jsonl(self.metrics_path, start_step)
-        if self.ledger_path:
-            os.makedirs(os.path.dirname(self.ledger_path), exist_ok=True)
-            truncate_jsonl(self.ledger_path, start_step)
-        self.metrics = open(self.metrics_path, "a") if self.is_logger else None
-        sync_path = os.path.join(run_dir, "sync", f"rank{rank}.jsonl")
-        os.makedirs(os.path.dirname(sync_path), exist_ok=True)
-        truncate_jsonl(sync_path, start_step + 1)
-        self.sync = open(sync_path, "a")
-        self.ledger = open(self.ledger_path, "a") if self.ledger_path else None
+        self.sync_path = os.path.join(run_dir, "sync", f"rank{rank}.jsonl")
+        for path in (self.ledger_path, self.sync_path):
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.metrics = self.ledger = self.sync = None
+        self.rollback(start_step)
         tb = os.path.join(run_dir, "tb")
         self.tb = SummaryWriter(os.path.join(tb, "train")) if tensorboard and self.is_logger else None
         self.tb_comm = SummaryWriter(os.path.join(tb, f"rank{rank}")) if tensorboard else None
+
+    def rollback(self, step: int) -> None:
+        """Forget records of steps >= step (they will be replayed) and append from there."""
+        for f in (self.metrics, self.ledger, self.sync):
+            if f:
+                f.close()
+        if self.is_logger:
+            truncate_jsonl(self.metrics_path, step)
+            self.metrics = open(self.metrics_path, "a")
+        if self.ledger_path:
+            truncate_jsonl(self.ledger_path, step)
+            self.ledger = open(self.ledger_path, "a")
+        truncate_jsonl(self.sync_path, step + 1)
+        self.sync = open(self.sync_path, "a")
+
+    def event(self, kind: str, **fields) -> None:
+        """A recovery event (events.jsonl, shared with the coordinator and the chaos launcher)."""
+        with open(os.path.join(self.run_dir, "events.jsonl"), "a") as fh:
+            fh.write(json.dumps({"t": time.time(), "event": kind, "rank": self.rank, **fields}) + "\n")
 
     def say(self, msg: str) -> None:
         if self.is_logger:

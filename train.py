@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import math
 import os
 import signal
@@ -14,22 +15,27 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dataclasses import dataclass, field
+
 from config import Config, ConfigError, check_world, load_config, to_yaml
 from data.corpus import DataError
-from data.dataset import load_corpus
+from data.dataset import Corpus, load_corpus
 from data.loader import ReplicaLoader, validation_batches
-from dist.comm import CROSS, Comm
-from dist.groups import build_groups
-from dist.pipeline import eval_step, train_step
+from dist.comm import CROSS, Comm, GenerationLost
+from dist.generation import exit_process, start_generation
+from dist.groups import Groups, build_groups
+from dist.pipeline import eval_step, swap_route, train_step, train_step_routes
 from dist.routing import local_microbatches
 from dist.topology import Topology
 from metrics import RunLog, Throughput, warn
-from model.stages import build_stage
+from model.stages import Stage, build_stage
 from optim.clip import clip_global_grad_norm
 from optim.inner import build_optimizer, lr_at, set_lr
 from optim.sync import build_sync
-from recovery import checkpoint
+from recovery import checkpoint, snapshot
 from recovery.checkpoint import CheckpointError
+from recovery.membership import CoordinatorLost, Member, MembershipError
+from recovery.rebuild import RankInfo, decide, gather_infos, refresh_edge_copies, run_transfers
 
 
 def init_processes(cfg: Config) -> tuple[int, int, torch.device]:
@@ -61,12 +67,12 @@ def model_config(cfg: Config, tokenizer_vocab: int):
     return dataclasses.replace(cfg.model, vocab_size=vocab)
 
 
-def choose_checkpoint(cfg: Config, root: str) -> tuple[str | None, int]:
+def choose_checkpoint(root: str, resume: str) -> tuple[str | None, int]:
     """Rank 0 picks (and verifies) the checkpoint to resume from; every rank gets its path and step or its error."""
     choice = [None]
     if dist.get_rank() == 0:
         try:
-            path = checkpoint.choose(root, cfg.checkpoint.resume, warn)
+            path = checkpoint.choose(root, resume, warn)
             choice[0] = ("ok", path, checkpoint.verify(path) if path else 0)
         except CheckpointError as err:
             choice[0] = ("error", str(err), 0)
@@ -78,124 +84,345 @@ def choose_checkpoint(cfg: Config, root: str) -> tuple[str | None, int]:
     return path, step
 
 
-def evaluate(module, batches, replica: int, groups, comm, cfg: Config, device) -> float:
+@dataclass
+class Worker:
+    """Everything one rank holds. It outlives generations: after a failure only its groups and sync are rebuilt."""
+    cfg: Config
+    topo: Topology
+    replica: int
+    stage: int
+    device: torch.device
+    corpus: Corpus
+    module: Stage
+    optimizer: torch.optim.Optimizer
+    loader: ReplicaLoader
+    comm: Comm
+    member: Member | None = None
+    groups: Groups | None = None
+    sync: object = None
+    log: RunLog | None = None
+    lr_scale: float = 1.0  # CheckFree raises it on a rebuilt stage
+    grad_norm: float = 0.0  # this stage's own last gradient norm (CheckFree's weight)
+    edge_copy: dict = field(default_factory=dict)  # CheckFree+: a neighbour's (de)embedding, kept for recovery
+    committed: int = 0  # steps whose every transfer succeeded here
+    applied: bool = False  # the in-flight step's update is already in the weights
+    undo: dict | None = None  # the state before the last update (recovery on)
+    val_loss: float = float("nan")
+    meter: Throughput | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.topo.rank(self.replica, self.stage)
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.cfg.log.run_dir, "checkpoints")
+
+
+def build_worker(cfg: Config, topo: Topology, replica: int, stage: int, device, corpus: Corpus,
+                 member: Member | None) -> Worker:
+    module = build_stage(model_config(cfg, corpus.vocab_size), stage, topo.stages, cfg.data.seq_len,
+                         cfg.train.seed).to(device)
+    loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, replica, topo.replicas, cfg.train.batch_size)
+    comm = Comm(member.abort if member else None)
+    meter = Throughput(topo.replicas * cfg.train.batch_size * cfg.data.seq_len)
+    return Worker(cfg, topo, replica, stage, device, corpus, module, build_optimizer(module, cfg.optim), loader, comm,
+                  member, meter=meter)
+
+
+def connect(w: Worker) -> None:
+    """This generation's process groups, and the sync layer on them (its state carried over)."""
+    cfg = w.cfg
+    w.groups = build_groups(w.topo, w.rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco",
+                            routing=cfg.sync.routing, swap=cfg.recovery.swap)
+    state = w.sync.state_dict() if w.sync else None
+    w.sync = build_sync(cfg.sync, w.module, w.groups, w.comm, w.replica, w.topo.replicas, w.stage, cfg.train.seed,
+                        cfg.train.steps)
+    if state:
+        w.sync.load_state_dict(state)
+
+
+def load_checkpoint(w: Worker, path: str, step: int) -> None:
+    extra = checkpoint.load(path, w.module, w.optimizer, (w.replica, w.stage))
+    w.committed = step
+    w.loader.load_state_dict(extra.get("loader", {"step": step}))
+    if "rng" in extra:
+        torch.set_rng_state(extra["rng"])
+    if extra.get("sync") is not None and extra.get("replicas") == w.topo.replicas:
+        w.sync.load_state_dict(extra["sync"])  # else: fresh sync state (EF21's reset rule: a dense round)
+    w.lr_scale, w.edge_copy = extra.get("lr_scale", 1.0), extra.get("edge_copy", {})
+
+
+def open_log(w: Worker) -> None:
+    """The run's log from the current step (records of steps that will be replayed are dropped first)."""
+    if w.log:
+        w.log.rollback(w.committed)
+    else:
+        w.log = RunLog(w.cfg.log.run_dir, w.rank, w.replica, w.stage, w.topo.stages, w.committed, w.cfg.log.tensorboard)
+
+
+def announce(w: Worker, resumed_from: str | None) -> None:
+    """The run's first console line (a collective over the replica: called by every rank at the start)."""
+    cfg = w.cfg
+    if w.rank == 0:
+        with open(os.path.join(cfg.log.run_dir, "config.yaml"), "w") as fh:
+            fh.write(to_yaml(cfg))
+    n_params = torch.tensor([float(sum(p.numel() for p in w.module.parameters()))])
+    w.comm.all_reduce(n_params, w.groups.replica, "setup")
+    w.log.say(f"flotilla: {w.topo.replicas} replica(s) x {w.topo.stages} stage(s), {cfg.parallel.schedule} with "
+              f"{cfg.parallel.microbatches} micro-batches | sync {cfg.sync.method}"
+              f"{'+' + cfg.sync.compress if cfg.sync.compress != 'none' else ''} | model {n_params.item() / 1e6:.2f}M "
+              f"params | corpus {len(w.corpus.train)} train / {len(w.corpus.val)} val windows of {cfg.data.seq_len} "
+              f"tokens | unigram entropy {w.corpus.unigram_entropy:.3f} nats"
+              + (f" | resumed from {resumed_from}" if resumed_from else ""))
+
+
+def evaluate(w: Worker, batches) -> float:
     """Mean validation token loss of this replica's model on the held-out batches (meaningful on the last stage)."""
-    module.eval()
-    loss_sum = sum(eval_step(module, [mb.to(device) for mb in b.split(cfg.parallel.microbatches)], replica, groups,
-                             comm) for b in batches)
-    module.train()
+    w.module.eval()
+    loss_sum = sum(eval_step(w.module, [mb.to(w.device) for mb in b.split(w.cfg.parallel.microbatches)], w.replica,
+                             w.groups, w.comm) for b in batches)
+    w.module.train()
     return loss_sum / sum(b.n_tokens for b in batches)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(argv)
-    rank, world, device = init_processes(cfg)
-    check_world(cfg, world)
-    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
-    replica, stage = topo.slot(rank)
-    groups = build_groups(topo, rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco",
-                          routing=cfg.sync.routing)
-    comm = Comm()
+def save_checkpoint(w: Worker, done: int) -> str:
+    extra = {"rng": torch.get_rng_state(), "loader": w.loader.state_dict(), "step": done, "sync": w.sync.state_dict(),
+             "replicas": w.topo.replicas, "lr_scale": w.lr_scale, "edge_copy": w.edge_copy}
+    try:
+        return checkpoint.save(w.ckpt_root, done, w.module, w.optimizer, extra, (w.replica, w.stage),
+                               w.cfg.checkpoint.keep, replicas_differ=w.cfg.sync.method != "ddp")
+    except RuntimeError as err:  # a peer died during the save (DCP's transfers are not polled)
+        if w.member is None or isinstance(err, CheckpointError):
+            raise
+        raise GenerationLost(f"checkpoint save failed: {str(err).splitlines()[0]}", True) from None
 
-    corpus = load_corpus(cfg.data)
-    mcfg = model_config(cfg, corpus.vocab_size)
-    module = build_stage(mcfg, stage, topo.stages, cfg.data.seq_len, cfg.train.seed).to(device)
-    params = list(module.parameters())
-    optimizer = build_optimizer(module, cfg.optim)
-    loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, replica, topo.replicas, cfg.train.batch_size)
-    sync = build_sync(cfg.sync, module, groups, comm, replica, topo.replicas, stage, cfg.train.seed, cfg.train.steps)
-    val_batches = validation_batches(corpus.val, corpus.eos, cfg.log.eval_batches, cfg.train.batch_size, 0, 1)
 
-    ckpt_root = os.path.join(cfg.log.run_dir, "checkpoints")
-    os.makedirs(cfg.log.run_dir, exist_ok=True)
-    resume_path, start = choose_checkpoint(cfg, ckpt_root)
-    if resume_path:
-        extra = checkpoint.load(resume_path, module, optimizer, (replica, stage))
-        loader.load_state_dict(extra.get("loader", {"step": start}))
-        if "rng" in extra:
-            torch.set_rng_state(extra["rng"])
-        if extra.get("sync") is not None and extra.get("replicas") == topo.replicas:
-            sync.load_state_dict(extra["sync"])  # else: fresh sync state (EF21's reset rule: a dense round)
-    log = RunLog(cfg.log.run_dir, rank, replica, stage, topo.stages, start, cfg.log.tensorboard)
-    if rank == 0:
-        with open(os.path.join(cfg.log.run_dir, "config.yaml"), "w") as fh:
-            fh.write(to_yaml(cfg))
-    n_params = torch.tensor([float(sum(p.numel() for p in params))])
-    comm.all_reduce(n_params, groups.replica, "setup")
-    log.say(f"flotilla: {topo.replicas} replica(s) x {topo.stages} stage(s), {cfg.parallel.schedule} with "
-            f"{cfg.parallel.microbatches} micro-batches | sync {cfg.sync.method}"
-            f"{'+' + cfg.sync.compress if cfg.sync.compress != 'none' else ''} | model {n_params.item() / 1e6:.2f}M params | corpus "
-            f"{len(corpus.train)} train / {len(corpus.val)} val windows of {cfg.data.seq_len} tokens | unigram "
-            f"entropy {corpus.unigram_entropy:.3f} nats" + (f" | resumed from {resume_path}" if resume_path else ""))
-
-    tokens_per_step = topo.replicas * cfg.train.batch_size * cfg.data.seq_len
-    meter = Throughput(tokens_per_step)
-    val_loss, loss_sum_interval, steps_interval = float("nan"), 0.0, 0
-    for step in range(start, cfg.train.steps):
+def train(w: Worker) -> None:
+    """Steps from w.committed to the end. A step reads top to bottom; with recovery on, a lost peer raises
+    GenerationLost out of any transfer and the step is replayed in the next generation."""
+    cfg, topo, module, params, meter = w.cfg, w.topo, w.module, list(w.module.parameters()), w.meter
+    val_batches = validation_batches(w.corpus.val, w.corpus.eos, cfg.log.eval_batches, cfg.train.batch_size, 0, 1)
+    loss_sum_interval, steps_interval = 0.0, 0
+    for step in range(w.committed, cfg.train.steps):
         t0 = time.perf_counter()
-        batch = loader.next_batch()  # this replica's samples (the ledger)
-        microbatches, hops = local_microbatches(batch, loader, step, cfg.parallel.microbatches, replica, stage,
+        batch = w.loader.next_batch()  # this replica's samples (the ledger)
+        microbatches, hops = local_microbatches(batch, w.loader, step, cfg.parallel.microbatches, w.replica, w.stage,
                                                 topo.replicas, topo.stages, cfg.train.seed, cfg.sync.routing)
-        loss = train_step(module, [mb.to(device) for mb in microbatches], hops, groups, comm,
-                          cfg.parallel.schedule, stage, topo.stages, batch.n_tokens)
-        if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or rank in cfg.fault.kill_ranks):
+        microbatches = [mb.to(w.device) for mb in microbatches]
+        if cfg.recovery.swap:  # CheckFree+: some micro-batches run the edge stages' layers swapped
+            routes = [swap_route(topo.stages, step * len(microbatches) + i) for i in range(len(microbatches))]
+            loss = train_step_routes(module, microbatches, routes, w.groups, w.comm, w.stage, batch.n_tokens)
+        else:
+            loss = train_step(module, microbatches, hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
+                              topo.stages, batch.n_tokens)
+        if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or w.rank in cfg.fault.kill_ranks):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, before the update
-        sync.before_update()
-        grad_norm = clip_global_grad_norm(params, cfg.optim.grad_clip, groups.replica, comm, topo.stages)
-        lr = lr_at(step, cfg.optim, cfg.train.steps)
-        set_lr(optimizer, lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        w.sync.before_update()
+        grad_norm, w.grad_norm = clip_global_grad_norm(params, cfg.optim.grad_clip, w.groups.replica, w.comm,
+                                                       topo.stages)
+        lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale
+        set_lr(w.optimizer, lr)
+        if w.member:
+            w.undo = snapshot.take(module, w.optimizer, w.sync)  # so a half-committed step can be taken back
+        w.optimizer.step()
+        w.optimizer.zero_grad(set_to_none=False)
+        w.applied = True
         done = step + 1
-        synced = sync.after_update(done)
+        synced = w.sync.after_update(done)
+        if cfg.recovery.swap and done % cfg.recovery.edge_copy_every == 0:
+            refresh_edge_copies(w, w.comm, topo.stages)
+        w.committed, w.applied = done, False
         meter.add(time.perf_counter() - t0)
 
         # the step is committed: record it
         if synced:
-            log.record_sync(done, synced, params, comm)
-        log.record_samples(step, batch.sample_ids)
-        log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm)
+            w.log.record_sync(done, synced, params, w.comm)
+        w.log.record_samples(step, batch.sample_ids)
+        w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm)
         loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
         if done % cfg.log.log_every == 0 or done == cfg.train.steps:
             mean_loss = loss_sum_interval / steps_interval  # replica 0's: no cross-replica traffic for metrics
             tps = meter.interval()
-            sent = comm.totals()
-            log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps,
-                               "train/grad_norm": grad_norm})
-            log.comm_scalars(done, comm)
-            log.say(f"step {done}/{cfg.train.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                    f"grad {grad_norm:.3f} | sent intra {sent['intra_replica'] / 1e6:.1f} MB, "
-                    f"cross {sent[CROSS] / 1e6:.1f} MB")
+            sent = w.comm.totals()
+            w.log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps,
+                                 "train/grad_norm": grad_norm})
+            w.log.comm_scalars(done, w.comm)
+            w.log.say(f"step {done}/{cfg.train.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                      f"grad {grad_norm:.3f} | sent intra {sent['intra_replica'] / 1e6:.1f} MB, "
+                      f"cross {sent[CROSS] / 1e6:.1f} MB")
             loss_sum_interval, steps_interval = 0.0, 0
-        if replica == 0 and cfg.log.eval_every and (done % cfg.log.eval_every == 0 or done == cfg.train.steps):
-            val_loss = evaluate(module, val_batches, replica, groups, comm, cfg, device)
-            log.scalars(done, {"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
-            log.record_step(step, val_loss=val_loss, cross_bytes=comm.bytes_sent[CROSS])
-            log.say(f"step {done} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+        if w.replica == 0 and cfg.log.eval_every and (done % cfg.log.eval_every == 0 or done == cfg.train.steps):
+            w.val_loss = evaluate(w, val_batches)
+            w.log.scalars(done, {"val/loss": w.val_loss, "val/ppl": math.exp(w.val_loss)})
+            w.log.record_step(step, val_loss=w.val_loss, cross_bytes=w.comm.bytes_sent[CROSS])
+            w.log.say(f"step {done} | val loss {w.val_loss:.4f} | val ppl {math.exp(w.val_loss):.2f}")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
-            extra = {"rng": torch.get_rng_state(), "loader": loader.state_dict(), "step": done,
-                     "sync": sync.state_dict(), "replicas": topo.replicas}
-            path = checkpoint.save(ckpt_root, done, module, optimizer, extra, (replica, stage), cfg.checkpoint.keep,
-                                   replicas_differ=cfg.sync.method != "ddp")
-            log.say(f"step {done} | checkpoint {path}")
+            w.log.say(f"step {done} | checkpoint {save_checkpoint(w, done)}")
 
-    summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": meter.overall(),
-               "val_loss": None if math.isnan(val_loss) else val_loss,
-               "unigram_entropy": corpus.unigram_entropy, "bytes_sent": comm.totals(), "world_size": world,
-               "sync": cfg.sync.method, "collectives": dict(comm.calls), "p2p": dict(comm.p2p)}
-    if log.is_logger:
+
+def finish(w: Worker) -> dict:
+    cfg = w.cfg
+    summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": w.meter.overall(),
+               "val_loss": None if math.isnan(w.val_loss) else w.val_loss,
+               "unigram_entropy": w.corpus.unigram_entropy, "bytes_sent": w.comm.totals(),
+               "world_size": w.topo.world_size, "sync": cfg.sync.method, "collectives": dict(w.comm.calls),
+               "p2p": dict(w.comm.p2p)}
+    if w.log.is_logger:
         with open(os.path.join(cfg.log.run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh)
-    log.say(json.dumps(summary))
-    log.close()
+    w.log.say(json.dumps(summary))
+    w.log.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = load_config(argv)
+    if cfg.recovery.coordinator:
+        return run_with_recovery(cfg)
+    rank, world, device = init_processes(cfg)
+    check_world(cfg, world)
+    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
+    w = build_worker(cfg, topo, *topo.slot(rank), device, load_corpus(cfg.data), None)
+    connect(w)
+    os.makedirs(cfg.log.run_dir, exist_ok=True)
+    path, step = choose_checkpoint(w.ckpt_root, cfg.checkpoint.resume)
+    if path:
+        load_checkpoint(w, path, step)
+    open_log(w)
+    announce(w, path)
+    train(w)
+    summary = finish(w)
     dist.destroy_process_group()
+    return summary
+
+
+# ---- with a coordinator: generations, rollback, stage rebuild ----
+
+def check_timeouts(cfg: Config, settings: dict) -> None:
+    """Timeouts nest: heartbeat interval x 3 <= heartbeat timeout < join timeout < collective (group) timeout."""
+    hb, hb_timeout, join = cfg.recovery.heartbeat_s, settings["heartbeat_timeout_s"], settings["join_timeout_s"]
+    if not (3 * hb <= hb_timeout < join < cfg.parallel.timeout_s):
+        raise ConfigError(f"timeouts must nest: 3 x recovery.heartbeat_s ({3 * hb:g}s) <= coordinator heartbeat timeout "
+                          f"({hb_timeout:g}s) < coordinator join timeout ({join:g}s) < parallel.timeout_s "
+                          f"({cfg.parallel.timeout_s:g}s): lower recovery.heartbeat_s or raise parallel.timeout_s")
+    if (settings["replicas"], settings["stages"]) != (cfg.parallel.replicas, cfg.parallel.stages):
+        raise ConfigError(f"the coordinator runs {settings['replicas']} replica(s) x {settings['stages']} stage(s) but "
+                          f"this worker has parallel.replicas={cfg.parallel.replicas}, parallel.stages="
+                          f"{cfg.parallel.stages}: start both with the same grid")
+
+
+def recover(w: Worker, fresh: bool, gen: int, t_gen: float) -> None:
+    """Agree with every rank of the new generation on one state: roll back, rebuild fresh stages, or load a checkpoint."""
+    cfg, topo = w.cfg, w.topo
+    w.module.zero_grad(set_to_none=False)
+    me = RankInfo(w.replica, w.stage, fresh, w.committed + w.applied, w.undo is not None, w.grad_norm)
+    decision = decide(gather_infos(me, w.comm), topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
+    resumed_from = None
+    if decision.target is None or decision.checkpoint:  # a new run, or no slot can be rebuilt in memory
+        resume = cfg.checkpoint.resume if decision.target is None else "latest"
+        resumed_from, step = choose_checkpoint(w.ckpt_root, resume)
+        if resumed_from:
+            load_checkpoint(w, resumed_from, step)
+        elif decision.target is not None:  # nothing saved yet: start over from the initial weights
+            w.module.load_state_dict(build_stage(w.module.cfg, w.stage, topo.stages, cfg.data.seq_len,
+                                                 cfg.train.seed).state_dict())
+            w.optimizer = build_optimizer(w.module, cfg.optim)
+            w.committed, w.lr_scale, w.edge_copy = 0, 1.0, {}
+        method = "checkpoint" if decision.target is not None else None
+    else:
+        if (w.replica, w.stage) in decision.undo:
+            snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
+        w.committed = decision.target
+        method = run_transfers(decision, topo, w, w.comm, cfg.recovery.checkfree_weight, cfg.recovery.lr_boost)
+        if any(slot[1] == w.stage for slot, _, _ in decision.sources) and getattr(w.sync, "ef", None):
+            w.sync.ef.reset()  # a replica of this stage changed: error feedback restarts with a dense round
+    w.applied, w.undo = False, None
+    w.loader.step = w.committed
+    open_log(w)
+    if decision.target is None:
+        announce(w, resumed_from)
+    if cfg.recovery.swap:
+        refresh_edge_copies(w, w.comm, topo.stages)
+    if decision.target is not None:
+        if method:
+            w.log.event("rebuilt", gen=gen, replica=w.replica, stage=w.stage, method=method)
+        w.log.event("resumed", gen=gen, step=w.committed, undo=list(map(list, decision.undo)),
+                    seconds=round(time.monotonic() - t_gen, 3))
+        w.log.say(f"generation {gen}: resumed at step {w.committed}; rebuilt "
+                  f"{[(list(s), m) for s, m, _ in decision.sources] or 'nothing'}"
+                  + (" from the checkpoint" if decision.checkpoint else ""))
+
+
+def save_and_stop(w: Worker) -> None:
+    """The coordinator is gone: agree with the others on a step, checkpoint it, and stop with one line."""
+    deadline = threading.Event()
+    threading.Timer(w.cfg.recovery.abort_timeout_s, deadline.set).start()
+    w.comm.abort = deadline
+    where = f"the coordinator at {w.cfg.recovery.coordinator} is gone"
+    try:
+        me = RankInfo(w.replica, w.stage, False, w.committed + w.applied, w.undo is not None, w.grad_norm)
+        decision = decide(gather_infos(me, w.comm), w.topo.stages)
+        if decision.checkpoint:
+            raise GenerationLost("no common step", False)
+        if (w.replica, w.stage) in decision.undo:
+            snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
+        w.committed = decision.target
+        w.loader.step = w.committed
+        path = save_checkpoint(w, w.committed)
+    except (GenerationLost, RuntimeError):
+        raise CoordinatorLost(f"{where} and the workers could not agree on a final checkpoint: restart the "
+                              f"coordinator and relaunch with checkpoint.resume=latest (the last saved one)") from None
+    finally:
+        deadline.set()
+    raise CoordinatorLost(f"{where}; saved {path} at step {w.committed}: restart the coordinator and relaunch the "
+                          f"workers with checkpoint.resume=latest")
+
+
+def run_with_recovery(cfg: Config) -> dict:
+    """Generations: wait for the coordinator's plan, join its world, agree on a state, train until done or lost."""
+    member = Member(cfg.recovery.coordinator, cfg.recovery.run_id, cfg.recovery.heartbeat_s)
+    check_timeouts(cfg, member.settings)
+    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
+    device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    corpus = load_corpus(cfg.data)  # before the first plan: a replacement is ready to train when it gets a slot
+    w = None
+    while True:
+        plan = member.next_plan(cfg.parallel.timeout_s)
+        t_gen = time.monotonic()
+        replica, stage = plan.slots[member.uid]
+        os.environ["RANK"] = str(topo.rank(replica, stage))  # for warn() and the console logger
+        start_generation(member.raw, plan.gen, topo.rank(replica, stage), topo.world_size, backend,
+                         cfg.parallel.timeout_s, keep=(w.groups,) if w else ())
+        if w is None:
+            w = build_worker(cfg, topo, replica, stage, device, corpus, member)
+            os.makedirs(cfg.log.run_dir, exist_ok=True)
+        try:
+            connect(w)
+            recover(w, member.uid in plan.fresh, plan.gen, t_gen)
+            train(w)
+            break
+        except GenerationLost as err:
+            if member.lost.is_set():
+                save_and_stop(w)
+            if err.transfer_failed:
+                member.report_trouble()
+            if w.log:
+                w.log.event("aborted", gen=plan.gen, step=w.committed, reason=str(err)[:120])
+            warn(f"generation {plan.gen} ended at step {w.committed}: {str(err)[:120]}")
+    summary = finish(w)
+    member.leave()
     return summary
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, CheckpointError) as err:
-        if os.environ.get("RANK", "0") == "0":
+    except (ConfigError, DataError, CheckpointError, MembershipError) as err:
+        if os.environ.get("RANK", "0") == "0" or isinstance(err, MembershipError):
             print(f"flotilla: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_process(2)
+    exit_process(0)

@@ -1,6 +1,7 @@
 """Every transfer goes through here: torch.distributed calls wrapped with a byte and call counter per link class."""
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -10,6 +11,14 @@ INTRA = "intra_replica"  # between stages of one replica (activations, gradients
 CROSS = "cross_replica"  # between replicas of one stage (gradient / weight sync)
 
 
+class GenerationLost(RuntimeError):
+    """A transfer failed (a peer died) or the coordinator ended this generation: abandon the step."""
+
+    def __init__(self, msg: str, transfer_failed: bool):
+        super().__init__(msg)
+        self.transfer_failed = transfer_failed  # False: the coordinator (or a deadline) ended it
+
+
 class Comm:
     """Counts bytes this rank sends per link class, collective calls and point-to-point transfers.
 
@@ -17,7 +26,8 @@ class Comm:
     the tensor, an all-gather (n - 1) times this rank's part; a point-to-point transfer its size.
     """
 
-    def __init__(self):
+    def __init__(self, abort=None):
+        self.abort = abort  # threading.Event set when the generation ends (recovery on); None: plain blocking waits
         self.bytes_sent: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)  # collectives
         self.p2p: dict[str, int] = defaultdict(int)  # point-to-point transfers
@@ -28,7 +38,7 @@ class Comm:
             return
         self.bytes_sent[link] += 2 * (n - 1) / n * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        dist.all_reduce(tensor, op=op, group=group)
+        self.wait(self._issue(dist.all_reduce, tensor, op=op, group=group, async_op=True))
 
     def all_gather(self, tensor: torch.Tensor, group, link: str) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape everywhere), in group rank order."""
@@ -38,18 +48,18 @@ class Comm:
         self.bytes_sent[link] += (n - 1) * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
         out = [torch.empty_like(tensor) for _ in range(n)]
-        dist.all_gather(out, tensor, group=group)
+        self.wait(self._issue(dist.all_gather, out, tensor, group=group, async_op=True))
         return out
 
     def send(self, tensor: torch.Tensor, pair, link: str = INTRA):
         """Start sending to the other rank of a 2-rank group; returns the pending work to wait on later."""
         self.bytes_sent[link] += tensor.numel() * tensor.element_size()
         self.p2p[link] += 1
-        return dist.broadcast(tensor, src=dist.get_rank(), group=pair, async_op=True)
+        return self._issue(dist.broadcast, tensor, src=dist.get_rank(), group=pair, async_op=True)
 
     def recv(self, tensor: torch.Tensor, pair, src: int) -> torch.Tensor:
         """Receive into `tensor` from global rank `src` of a 2-rank group (broadcast: pollable on gloo)."""
-        dist.broadcast(tensor, src=src, group=pair, async_op=True).wait()
+        self.wait(self._issue(dist.broadcast, tensor, src=src, group=pair, async_op=True))
         return tensor
 
     def exchange(self, tensor: torch.Tensor, pair, peer: int, link: str = CROSS) -> torch.Tensor:
@@ -58,10 +68,35 @@ class Comm:
         theirs = torch.empty_like(tensor)
         for src in sorted((me, peer)):  # both ends issue the two transfers in the same order
             if src == me:
-                self.send(tensor, pair, link).wait()
+                self.wait(self.send(tensor, pair, link))
             else:
                 self.recv(theirs, pair, src)
         return theirs
+
+    def _issue(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:
+            if self.abort is None:
+                raise
+            raise GenerationLost(str(err).splitlines()[0], True) from None
+
+    def wait(self, work) -> None:
+        """Wait for a transfer; with recovery on, poll it so that a dead peer or an ended generation
+        raises GenerationLost instead of blocking until the group timeout."""
+        if self.abort is None:
+            work.wait()
+            return
+        pause = 1e-4
+        while not work.is_completed():
+            if self.abort.is_set():
+                raise GenerationLost("the coordinator ended this generation", False)
+            time.sleep(pause)
+            pause = min(2 * pause, 2e-3)
+        try:
+            work.wait()
+        except RuntimeError as err:
+            raise GenerationLost(str(err).splitlines()[0], True) from None
 
     def totals(self) -> dict[str, float]:
         return {INTRA: self.bytes_sent[INTRA], CROSS: self.bytes_sent[CROSS]}

@@ -32,14 +32,16 @@ class Groups:
     next: dict[int, NeighbourLinks]  # replica -> links to its next stage (own replica only, unless routing)
     prev: dict[int, NeighbourLinks]  # replica -> links to its previous stage
     replica_pairs: dict[int, Link]  # other replica -> 2-rank group with its copy of this stage (NoLoCo)
+    near: dict[int, Link]  # stage -> 2-rank group with that stage of this replica, 1 or 2 stages away (CheckFree+)
 
 
 def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: bool = False,
-                 routing: bool = False) -> Groups:
+                 routing: bool = False, swap: bool = False) -> Groups:
     """Every rank calls new_group for every group in the same order (torch.distributed's rule).
 
     replica_pairs: also a 2-rank group between every two replicas of each stage (NoLoCo's exchange).
     routing: links from every replica's stage s to every replica's stage s + 1 (random routing).
+    swap: links between stages one or two apart in each replica (CheckFree+'s swapped micro-batches).
     """
     timeout = timedelta(seconds=timeout_s)
     replica, stage = topo.slot(rank)
@@ -70,4 +72,12 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
                 g = dist.new_group([ra, rb], timeout=timeout)
                 if rank in (ra, rb):
                     pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra, CROSS)
-    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs)
+    near = {}
+    for r in range(topo.replicas) if swap else ():
+        for a in range(topo.stages):
+            for b in range(a + 1, min(a + 3, topo.stages)):
+                ra, rb = topo.rank(r, a), topo.rank(r, b)
+                g = dist.new_group([ra, rb], timeout=timeout)
+                if rank in (ra, rb):
+                    near[b if rank == ra else a] = Link(g, rb if rank == ra else ra, INTRA)
+    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs, near)

@@ -69,7 +69,78 @@ def train_step(module: Stage, microbatches: list[Batch], hops: list[tuple[int, i
                 link = groups.prev[prev_r].bwd
                 pending.append(comm.send(x.grad, link.group, link.kind))
     for work in pending:
-        work.wait()
+        comm.wait(work)
+    return float(loss) if module.last else float("nan")
+
+
+def swap_route(stages: int, index: int) -> list[tuple[int, str]]:
+    """CheckFree+'s order for the index-th micro-batch of the run: (stage, blocks) segments, blocks from E, L, H.
+
+    Odd micro-batches swap the first two stages' layers and/or the last two (E, S2, S1, S3, ..., Ss, Ss-1, H),
+    so that a lost edge stage can be replaced by its neighbour. With 3 or 4 stages both swaps on one
+    micro-batch would jump 3 stages, so they alternate; with 2 the two swaps are the same.
+    """
+    order = list(range(stages))
+    if stages >= 2 and index % 2 == 1:
+        front = stages == 2 or stages >= 5 or (index // 2) % 2 == 0
+        back = stages >= 5 or (stages in (3, 4) and not front)
+        if front:
+            order[0], order[1] = order[1], order[0]
+        if back:
+            order[-1], order[-2] = order[-2], order[-1]
+    segments: list[tuple[int, str]] = []
+    for s, block in [(0, "E"), *[(s, "L") for s in order], (stages - 1, "H")]:
+        if segments and segments[-1][0] == s:
+            segments[-1] = (s, segments[-1][1] + block)
+        else:
+            segments.append((s, block))
+    return segments
+
+
+def train_step_routes(module: Stage, microbatches: list[Batch], routes: list[list[tuple[int, str]]], groups: Groups,
+                      comm: Comm, stage: int, n_tokens: int) -> float:
+    """Like train_step, for micro-batches that may visit this stage twice in any order (CheckFree+).
+
+    Every rank runs its parts in one global order (all forwards by micro-batch then route position,
+    then all backwards by micro-batch and reversed position); sends never block, and each receive waits
+    for an action earlier in that order, so no schedule deadlocks and every 2-rank link sees its
+    transfers in the same order at both ends.
+    """
+    saved, pending = {}, []
+    loss = torch.zeros((), device=microbatches[0].inputs.device)
+    for i, (mb, route) in enumerate(zip(microbatches, routes)):
+        for k, (s, parts) in enumerate(route):
+            if s != stage:
+                continue
+            if parts[0] == "E":
+                x = mb.inputs
+            else:
+                link = groups.near[route[k - 1][0]]
+                x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer).requires_grad_(True)
+            out = module.forward_parts(x, module.prepare(mb.doc_ids), parts)
+            if parts[-1] == "H":
+                out = token_loss_sum(out, mb.targets) / n_tokens
+                loss += out.detach()
+            else:
+                link = groups.near[route[k + 1][0]]
+                pending.append(comm.send(out.detach(), link.group, link.kind))
+            saved[i, k] = (x, out)
+    for i, route in enumerate(routes):
+        for k in reversed(range(len(route))):
+            s, parts = route[k]
+            if s != stage:
+                continue
+            x, out = saved.pop((i, k))
+            if parts[-1] == "H":
+                out.backward()
+            else:
+                link = groups.near[route[k + 1][0]]
+                out.backward(comm.recv(torch.empty_like(out), link.group, link.peer))
+            if parts[0] != "E":
+                link = groups.near[route[k - 1][0]]
+                pending.append(comm.send(x.grad, link.group, link.kind))
+    for work in pending:
+        comm.wait(work)
     return float(loss) if module.last else float("nan")
 
 
@@ -89,5 +160,5 @@ def eval_step(module: Stage, microbatches: list[Batch], replica: int, groups: Gr
         else:
             pending.append(comm.send(out, groups.next[replica].fwd.group))
     for work in pending:
-        work.wait()
+        comm.wait(work)
     return loss_sum

@@ -51,10 +51,15 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
-        h = self.embed(x) if self.first else x
-        for layer in self.layers.values():
-            h = layer(h, inputs.cos, inputs.sin, inputs.mask)
-        return self.head(self.norm(h)) if self.last else h
+        return self.forward_parts(x, inputs, ("E" if self.first else "") + "L" + ("H" if self.last else ""))
+
+    def forward_parts(self, x: torch.Tensor, inputs: StageInputs, parts: str) -> torch.Tensor:
+        """Some of this stage's blocks in order: E(mbedding), L(ayers), H(ead: norm + output layer)."""
+        h = self.embed(x) if "E" in parts else x
+        if "L" in parts:
+            for layer in self.layers.values():
+                h = layer(h, inputs.cos, inputs.sin, inputs.mask)
+        return self.head(self.norm(h)) if "H" in parts else h
 
 
 def init_weights(module: nn.Module, seed: int, std: float) -> None:

@@ -1,0 +1,33 @@
+"""One generation of the world: a fresh default process group on its own store prefix.
+
+Old groups may still hold a transfer that will never finish; destroying them would block for the group
+timeout, so they are kept (the graveyard) until the process ends with `exit_process`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+_GRAVEYARD: list = []
+
+
+def start_generation(store, gen: int, rank: int, world: int, backend: str, timeout_s: float, keep: tuple = ()) -> None:
+    """Leave the previous generation's groups behind and join generation `gen` as `rank` of `world`."""
+    if dist.is_initialized():
+        _GRAVEYARD.append((c10d._get_default_group(), *keep))
+        dist.destroy_process_group()
+    dist.init_process_group(backend, store=dist.PrefixStore(f"gen{gen}/", store), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def exit_process(code: int) -> None:
+    """End the process; with abandoned groups skip their destructors (they would wait on dead peers)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _GRAVEYARD:
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,133 @@
+"""A worker's side of membership: hello to the coordinator, heartbeats, abort on a new epoch, waiting for plans."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from recovery.coordinator import has, mac, run_store
+
+
+class MembershipError(RuntimeError):
+    """Refused, evicted or cut off from the coordinator; one line naming the fix."""
+
+
+class CoordinatorLost(MembershipError):
+    pass
+
+
+@dataclass
+class Plan:
+    gen: int
+    slots: dict[str, tuple[int, int]]  # uid -> (replica, stage)
+    fresh: list[str]
+
+
+class Member:
+    """This process in the run. `abort` is set when the generation ends (or the coordinator is gone):
+    every wait on a transfer polls it, so a blocked step ends within one poll."""
+
+    def __init__(self, address: str, run_id: str, heartbeat_s: float, hello_timeout_s: float = 30.0):
+        host, _, port = address.rpartition(":")
+        self.address, self.run_id, self.heartbeat_s = address, run_id, heartbeat_s
+        self.uid = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.abort, self.lost, self._stop = threading.Event(), threading.Event(), threading.Event()
+        self.gen = 0
+        self._lock = threading.Lock()  # gen and abort change together
+        try:
+            self.raw, self.store = run_store(host, int(port), run_id, is_master=False)
+        except RuntimeError as err:
+            raise CoordinatorLost(f"cannot reach the coordinator at {address} ({str(err).splitlines()[0][:80]}): "
+                                  f"start it (python -m recovery.coordinator) or fix recovery.coordinator") from None
+        if not has(self.store, "run"):
+            raise MembershipError(f"no run '{run_id}' at the coordinator {address}: check recovery.run_id")
+        self.settings = json.loads(self.store.get("run"))
+        secret = os.environ.get("FLOTILLA_SECRET", "")
+        i = int(self.store.add("hello/count", 1))
+        self.store.set(f"hello/{i}", json.dumps({"uid": self.uid, "mac": mac(secret, run_id, self.uid),
+                                                  "pid": os.getpid(), "host": socket.gethostname()}))
+        deadline = time.monotonic() + hello_timeout_s
+        while not has(self.store, f"welcome/{self.uid}"):
+            if time.monotonic() > deadline:
+                raise CoordinatorLost(f"the coordinator at {address} did not answer within {hello_timeout_s:.0f}s")
+            time.sleep(0.02)
+        answer = self.store.get(f"welcome/{self.uid}").decode()
+        if answer != "ok":
+            raise MembershipError(f"refused by the coordinator at {address}: {answer.removeprefix('refused: ')} "
+                                  f"(set FLOTILLA_SECRET to the run's secret)")
+        self._beat_store = run_store(host, int(port), run_id, is_master=False)[1]  # the thread's own client
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._beat_store.add(f"hb/{self.uid}", 1)
+                epoch = int(self._beat_store.get("epoch"))
+            except Exception:  # any store failure: the coordinator is gone
+                self.lost.set()
+                self.abort.set()
+                return
+            with self._lock:
+                if epoch > self.gen:
+                    self.abort.set()
+            self._stop.wait(self.heartbeat_s)
+
+    def report_trouble(self) -> None:
+        """A transfer failed here: ask the coordinator to end this generation (it finds out who died)."""
+        try:
+            self.store.add(f"trouble/{self.gen}", 1)
+        except Exception:
+            self.lost.set()
+
+    def next_plan(self, timeout_s: float) -> Plan:
+        """Say ready for the next generation and wait for a plan that includes this worker. A spare (never a
+        member yet) waits through plans without it; a member left out was evicted."""
+        seen = self.gen
+        while True:
+            epoch = self._wait_epoch_after(seen)
+            self.store.set(f"ready/{epoch}/{self.uid}", "1")
+            deadline = time.monotonic() + timeout_s
+            while not has(self.store, f"plan/{epoch}") and int(self.store.get("epoch")) == epoch:
+                self._check_lost()
+                if self.gen and time.monotonic() > deadline:
+                    raise CoordinatorLost(f"no plan for generation {epoch} from {self.address} within {timeout_s:.0f}s")
+                time.sleep(0.02)
+            if not has(self.store, f"plan/{epoch}"):
+                seen = epoch  # someone died while this generation was forming: the next one
+                continue
+            raw = json.loads(self.store.get(f"plan/{epoch}"))
+            if self.uid in raw["members"]:
+                with self._lock:
+                    self.gen = epoch
+                    if not self.lost.is_set():
+                        self.abort.clear()
+                return Plan(epoch, {u: tuple(s) for u, s in raw["members"].items()}, raw["fresh"])
+            if self.gen:
+                raise MembershipError(f"this worker ({self.uid}) is not in generation {epoch}: the coordinator declared "
+                                      f"it dead (missed heartbeats) and gave its slot away; start a new worker to rejoin")
+            seen = epoch
+
+    def _wait_epoch_after(self, seen: int) -> int:
+        while True:
+            self._check_lost()
+            epoch = int(self.store.get("epoch"))
+            if epoch > seen:
+                return epoch
+            time.sleep(0.02)
+
+    def _check_lost(self) -> None:
+        if self.lost.is_set():
+            raise CoordinatorLost(f"the coordinator at {self.address} is gone")
+
+    def leave(self) -> None:
+        """A clean exit at the end of the run (not a failure)."""
+        self._stop.set()
+        try:
+            self.store.set(f"left/{self.uid}", "done")
+        except Exception:
+            pass

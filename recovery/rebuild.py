@@ -1,0 +1,172 @@
+"""Bring a new generation to one consistent state: roll back a half-committed step, rebuild fresh stages.
+
+Every rank gathers every rank's `RankInfo` and computes the same `Decision` (pure function, tested on its
+own): the step everyone resumes from, and for each fresh (replacement) slot where its stage comes from,
+tried in order:
+  copy        the same stage of another replica (weights and Adam state: exact for DDP)
+  checkfree   an interior stage = neighbours' layers averaged with weights from their last gradient norms
+  checkfree+  an edge stage = its neighbour's layers (which learned to stand in on swapped micro-batches)
+              plus the neighbour's copy of the embedding / output head
+  checkpoint  every rank reloads the latest checkpoint (or restarts from scratch without one)
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dist.comm import Comm
+from dist.topology import Topology
+
+RECOVERY = "recovery"  # link class of recovery traffic in the byte counters
+EDGE_KEYS = {"E": ("embed.weight",), "H": ("norm.weight", "head.weight")}
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    replica: int
+    stage: int
+    fresh: bool
+    state_step: int  # steps whose update is in this rank's weights
+    can_undo: bool  # holds the state before its last update
+    grad_norm: float  # its stage's own last gradient norm (CheckFree's weight)
+
+    def pack(self) -> torch.Tensor:
+        return torch.tensor([self.replica, self.stage, self.fresh, self.state_step, self.can_undo, self.grad_norm],
+                            dtype=torch.float64)
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> "RankInfo":
+        r, s, f, step, undo, g = t.tolist()
+        return RankInfo(int(r), int(s), bool(f), int(step), bool(undo), g)
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int | None  # step every rank resumes from (None: a fresh start)
+    undo: tuple[tuple[int, int], ...]  # slots that take back their last update
+    sources: tuple[tuple[tuple[int, int], str, tuple[tuple[int, int], ...]], ...]  # (fresh slot, method, from slots)
+    checkpoint: bool  # some slot has no source: everyone reloads the latest checkpoint
+
+
+def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = False) -> Decision:
+    survivors = {(i.replica, i.stage): i for i in infos if not i.fresh}
+    fresh = sorted((i.replica, i.stage) for i in infos if i.fresh)
+    if not survivors:
+        return Decision(None, (), (), False)
+    target = min(i.state_step for i in survivors.values())
+    undo = tuple(sorted(s for s, i in survivors.items() if i.state_step == target + 1 and i.can_undo))
+    if any(i.state_step > target + 1 or (i.state_step == target + 1 and not i.can_undo) for i in survivors.values()):
+        return Decision(target, (), (), True)  # no single step to agree on: only the checkpoint is common ground
+    sources = []
+    for r, s in fresh:
+        other = sorted(rr for rr, ss in survivors if ss == s and rr != r)
+        if mode == "auto" and other:
+            sources.append(((r, s), "copy", ((other[0], s),)))
+        elif mode != "checkpoint" and 0 < s < stages - 1 and (r, s - 1) in survivors and (r, s + 1) in survivors:
+            sources.append(((r, s), "checkfree", ((r, s - 1), (r, s + 1))))
+        elif mode != "checkpoint" and swap and stages > 1 and s in (0, stages - 1) and \
+                (r, 1 if s == 0 else stages - 2) in survivors:
+            sources.append(((r, s), "checkfree+", ((r, 1 if s == 0 else stages - 2),)))
+        else:
+            return Decision(target, undo, (), True)
+    return Decision(target, undo, tuple(sources), False)
+
+
+def gather_infos(me: RankInfo, comm: Comm) -> list[RankInfo]:
+    return [RankInfo.unpack(t) for t in comm.all_gather(me.pack(), None, RECOVERY)]
+
+
+def _send_object(obj, comm: Comm, group) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    comm.wait(comm.send(torch.tensor([data.numel()]), group, RECOVERY))
+    comm.wait(comm.send(data, group, RECOVERY))
+
+
+def _recv_object(comm: Comm, group, src: int):
+    n = comm.recv(torch.zeros(1, dtype=torch.int64), group, src)
+    data = comm.recv(torch.empty(int(n), dtype=torch.uint8), group, src)
+    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+
+
+def _layers(module) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in module.layers.values()]
+
+
+def payload(method: str, w) -> dict:
+    """What a source sends for one fresh slot."""
+    if method == "copy":
+        return {"module": w.module.state_dict(), "optim": w.optimizer.state_dict(), "lr_scale": w.lr_scale,
+                "edge_copy": w.edge_copy, "grad_norm": w.grad_norm}
+    out = {"layers": _layers(w.module), "grad_norm": w.grad_norm}
+    if method == "checkfree+":
+        out["edge"] = w.edge_copy  # the (de)embedding this neighbour keeps for the lost edge stage
+    return out
+
+
+def weight(grad_norm: float, rule: str) -> float:
+    """CheckFree's neighbour weight: the less converged neighbour (larger gradient) counts more."""
+    return {"grad_norm": grad_norm + 1e-4, "grad_norm_sq": grad_norm ** 2 + 1e-4, "uniform": 1.0}[rule]
+
+
+@torch.no_grad()
+def apply(method: str, received: list[dict], w, rule: str, lr_boost: float) -> None:
+    """Install what the sources sent into this fresh rank's stage."""
+    if method == "copy":
+        got = received[0]
+        w.module.load_state_dict(got["module"])
+        w.optimizer.load_state_dict(got["optim"])
+        w.lr_scale, w.edge_copy, w.grad_norm = got["lr_scale"], got["edge_copy"], got["grad_norm"]
+        return
+    weights = [weight(r["grad_norm"], rule) for r in received]
+    for k, layer in enumerate(w.module.layers.values()):
+        for name, p in layer.state_dict().items():
+            mix = sum(wt * r["layers"][min(k, len(r["layers"]) - 1)][name] for wt, r in zip(weights, received))
+            p.copy_(mix / sum(weights))
+    if method == "checkfree+":
+        params = dict(w.module.named_parameters())
+        for name, t in received[0]["edge"].items():
+            if name in params:  # a middle stage of 3 keeps both edges' copies
+                params[name].copy_(t)
+    w.lr_scale *= lr_boost  # the paper: the rebuilt stage learns a little faster; its Adam starts fresh
+
+
+def run_transfers(decision: Decision, topo: Topology, w, comm: Comm, rule: str, lr_boost: float) -> str | None:
+    """Every rank creates the same 2-rank groups in the same order, then sources send and fresh ranks apply.
+    Returns this rank's rebuild method if it was rebuilt."""
+    me = (w.replica, w.stage)
+    transfers = [(dst, method, src) for dst, method, srcs in decision.sources for src in srcs]
+    groups = [dist.new_group([topo.rank(*src), topo.rank(*dst)]) for dst, _, src in transfers]
+    received, mine = [], None
+    for (dst, method, src), group in zip(transfers, groups):
+        if src == me:
+            _send_object(payload(method, w), comm, group)
+        elif dst == me:
+            received.append(_recv_object(comm, group, topo.rank(*src)))
+            mine = method
+    if mine:
+        apply(mine, received, w, rule, lr_boost)
+    return mine
+
+
+@torch.no_grad()
+def refresh_edge_copies(w, comm: Comm, stages: int) -> None:
+    """CheckFree+: the first stage's embedding goes to stage 1, the last stage's norm and head to stage S-2."""
+    if stages < 2:
+        return
+    cfg = w.module.cfg
+    shapes = {"embed.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,), "head.weight": (cfg.vocab_size, cfg.dim)}
+    for owner, keeper, part in ((0, 1, "E"), (stages - 1, stages - 2, "H")):
+        if w.stage not in (owner, keeper):
+            continue
+        link = w.groups.near[keeper if w.stage == owner else owner]
+        params = dict(w.module.named_parameters())
+        for name in EDGE_KEYS[part]:
+            if w.stage == owner:
+                comm.wait(comm.send(params[name].detach().contiguous(), link.group, RECOVERY))
+            else:
+                w.edge_copy[name] = comm.recv(torch.empty(shapes[name], device=w.device), link.group, link.peer)
