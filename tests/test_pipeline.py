@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from dist.pipeline import schedule
+from dist.pipeline import schedule, swap_route
 from model.stages import build_stage, token_loss_sum
 from tests.procs import run, torchrun_cmd
 from tests.tiny import tiny_batch, tiny_model_config
@@ -41,12 +41,28 @@ def reference(replica: int):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stages,kind,m,nproc", [(2, "1f1b", 4, 4), (3, "gpipe", 2, 3), (3, "1f1b", 4, 3)])
+def reference_swapped(replica: int, stages: int, m: int):
+    """One process holding every stage, each micro-batch run through its CheckFree+ route."""
+    cfg = tiny_model_config()
+    parts = [build_stage(cfg, s, stages, max_seq_len=32, seed=7) for s in range(stages)]
+    batch = tiny_batch(cfg, seed=replica)
+    loss = 0.0
+    for i, mb in enumerate(batch.split(m)):
+        h = mb.inputs
+        for s, blocks in swap_route(stages, i):
+            h = parts[s].forward_parts(h, parts[s].prepare(mb.doc_ids), blocks)
+        loss = loss + token_loss_sum(h, mb.targets) / batch.n_tokens
+    loss.backward()
+    return loss.item(), {n: p.grad for part in parts for n, p in part.named_parameters()}
+
+
+@pytest.mark.parametrize("stages,kind,m,nproc", [(2, "1f1b", 4, 4), (3, "gpipe", 2, 3), (3, "1f1b", 4, 3),
+                                                 (3, "swap", 4, 3), (2, "swap", 2, 2)])
 def test_pipeline_over_processes_matches_single_process(tmp_path, stages, kind, m, nproc):
     run(torchrun_cmd(nproc, "tests/workers/pipeline_step.py", str(tmp_path), str(stages), kind, str(m)))
     replicas = nproc // stages
     for r in range(replicas):
-        ref_loss, ref_grads = reference(r)
+        ref_loss, ref_grads = reference_swapped(r, stages, m) if kind == "swap" else reference(r)
         got = {}
         for s in range(stages):
             out = torch.load(os.path.join(tmp_path, f"rank{r * stages + s}.pt"))

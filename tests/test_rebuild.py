@@ -1,0 +1,84 @@
+"""Recovery decisions and CheckFree arithmetic on tiny inputs (no processes)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from config import ConfigError, load_config
+from dist.pipeline import swap_route
+from model.stages import build_stage
+from recovery.rebuild import RankInfo, apply, decide, weight
+from tests.tiny import tiny_model_config
+from train import check_timeouts
+
+
+def info(r, s, fresh=False, step=10, undo=True, g=1.0):
+    return RankInfo(r, s, fresh, step, undo, g)
+
+
+def test_rank_info_round_trips_through_a_tensor():
+    i = info(1, 2, True, 37, False, 0.25)
+    assert RankInfo.unpack(i.pack()) == i
+
+
+def test_decide_prefers_copy_then_checkfree_then_checkpoint():
+    two = [info(0, 0), info(0, 1), info(0, 2), info(1, 0), info(1, 1, fresh=True), info(1, 2)]
+    d = decide(two, 3)
+    assert d.target == 10 and d.sources == (((1, 1), "copy", ((0, 1),)),) and not d.checkpoint
+    d = decide(two, 3, mode="checkfree")
+    assert d.sources == (((1, 1), "checkfree", ((1, 0), (1, 2))),)
+    edge = [info(0, 0, fresh=True), info(0, 1), info(0, 2)]
+    assert decide(edge, 3).checkpoint  # an edge without CheckFree+ swaps has no in-memory source
+    assert decide(edge, 3, swap=True).sources == (((0, 0), "checkfree+", ((0, 1),)),)
+    adjacent = [info(0, 0), info(0, 1, fresh=True), info(0, 2, fresh=True), info(0, 3)]
+    assert decide(adjacent, 4, swap=True).checkpoint  # two neighbours lost at once
+    assert decide(two, 3, mode="checkpoint").checkpoint
+
+
+def test_decide_takes_back_a_half_committed_step():
+    infos = [info(0, 0, step=11), info(0, 1, step=10), info(0, 2, step=11, undo=True)]
+    d = decide(infos, 3)
+    assert d.target == 10 and d.undo == ((0, 0), (0, 2)) and not d.checkpoint
+    assert decide([info(0, 0, step=12), info(0, 1, step=10)], 2).checkpoint  # no common step in memory
+    assert decide([info(0, 0, fresh=True, step=0), info(0, 1, fresh=True, step=0)], 2).target is None  # new run
+
+
+def test_checkfree_rebuild_is_the_gradient_norm_weighted_average_with_boosted_lr():
+    cfg = tiny_model_config(n_layers=3)
+    prev, lost, nxt = (build_stage(cfg, s, 3, 16, seed=s + 1) for s in range(3))
+    received = [{"layers": [layer.state_dict() for layer in m.layers.values()], "grad_norm": g}
+                for m, g in ((prev, 0.5), (nxt, 1.5))]
+    w = SimpleNamespace(module=lost, lr_scale=1.0)
+    apply("checkfree", received, w, "grad_norm", 1.1)
+    a, b = weight(0.5, "grad_norm"), weight(1.5, "grad_norm")
+    for name, p in lost.layers["1"].state_dict().items():
+        want = (a * prev.layers["0"].state_dict()[name] + b * nxt.layers["2"].state_dict()[name]) / (a + b)
+        assert torch.allclose(p, want)
+    assert w.lr_scale == pytest.approx(1.1)
+    assert weight(2.0, "grad_norm_sq") == pytest.approx(4.0001) and weight(7.0, "uniform") == 1.0
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5, 6])
+def test_swap_routes_run_every_block_once_in_order_and_hop_at_most_two_stages(stages):
+    kinds = set()
+    for index in range(8):
+        route = swap_route(stages, index)
+        blocks = [(s, b) for s, parts in route for b in parts]
+        assert blocks[0] == (0, "E") and blocks[-1] == (stages - 1, "H")
+        layers = [s for s, b in blocks if b == "L"]
+        assert sorted(layers) == list(range(stages))
+        assert all(abs(a[0] - b[0]) <= 2 for a, b in zip(route, route[1:]))
+        kinds.add(tuple(layers))
+        if index % 2 == 0:
+            assert layers == list(range(stages))
+    if stages >= 2:  # both edges get swapped at some point: the first two and the last two
+        assert any(k[:2] == (1, 0) for k in kinds) and any(k[-2:] == (stages - 1, stages - 2) for k in kinds)
+
+
+def test_timeouts_must_nest():
+    cfg = load_config(["parallel.timeout_s=100", "recovery.heartbeat_s=0.5"])
+    good = {"heartbeat_timeout_s": 2.0, "join_timeout_s": 30.0, "replicas": 2, "stages": 2}
+    check_timeouts(cfg, good)
+    for bad in ({**good, "heartbeat_timeout_s": 1.0}, {**good, "join_timeout_s": 200.0}, {**good, "replicas": 3}):
+        with pytest.raises(ConfigError):
+            check_timeouts(cfg, bad)
