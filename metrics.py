@@ -90,7 +90,7 @@ class RunLog:
 
     def record_step(self, step: int, **values) -> None:
         if self.metrics:
-            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.write(json.dumps({"step": step, **values, "t": time.time()}) + "\n")
             self.metrics.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

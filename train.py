@@ -34,7 +34,7 @@ from optim.inner import build_optimizer, lr_at, set_lr
 from optim.sync import build_sync
 from recovery import checkpoint, snapshot
 from recovery.checkpoint import CheckpointError
-from recovery.membership import CoordinatorLost, Member, MembershipError
+from recovery.membership import CoordinatorLost, Member, MembershipError, RunFinished
 from recovery.rebuild import RankInfo, decide, gather_infos, refresh_edge_copies, run_transfers
 
 
@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         load_checkpoint(w, path, step)
     open_log(w)
     announce(w, path)
+    if path and w.log.is_logger:
+        w.log.event("resumed", step=step, checkpoint=path)
     train(w)
     summary = finish(w)
     dist.destroy_process_group()
@@ -422,6 +424,8 @@ def run_with_recovery(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         main()
+    except RunFinished:
+        print("flotilla: the run finished before this spare worker was needed", flush=True)
     except (ConfigError, DataError, CheckpointError, MembershipError) as err:
         if os.environ.get("RANK", "0") == "0" or isinstance(err, MembershipError):
             print(f"flotilla: error: {err}", file=sys.stderr, flush=True)

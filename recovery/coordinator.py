@@ -172,7 +172,9 @@ class Coordinator:
             if self.forming:
                 self.try_plan()
             time.sleep(poll_s)
+        self.store.set("finished", "1")
         self.event("run-finished", gen=self.gen)
+        time.sleep(2.0)  # spares still waiting read `finished` and leave cleanly
 
 
 def main(argv: list[str] | None = None) -> None:

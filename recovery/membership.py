@@ -20,6 +20,10 @@ class CoordinatorLost(MembershipError):
     pass
 
 
+class RunFinished(Exception):
+    """The run ended while this worker waited as a spare."""
+
+
 @dataclass
 class Plan:
     gen: int
@@ -115,6 +119,8 @@ class Member:
     def _wait_epoch_after(self, seen: int) -> int:
         while True:
             self._check_lost()
+            if has(self.store, "finished"):
+                raise RunFinished()
             epoch = int(self.store.get("epoch"))
             if epoch > seen:
                 return epoch
