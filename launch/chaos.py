@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.cluster import ROOT, Cluster, free_port, read_jsonl  # noqa: E402
 
 
-def log_event(run_dir: str, kind: str, **fields) -> None:
-    line = json.dumps({"t": time.time(), "event": kind, **fields})
+def log_event(run_dir: str, kind: str, t: float | None = None, **fields) -> None:
+    line = json.dumps({"t": t or time.time(), "event": kind, **fields})
     print(f"chaos: {line}", flush=True)
     with open(os.path.join(run_dir, "events.jsonl"), "a") as fh:
         fh.write(line + "\n")
@@ -76,9 +76,10 @@ def run_recovery(args, overrides: list[str]) -> int:
                 for slot in kills.draw():
                     victim = holder(c, slot)
                     if victim and victim.poll() is None and not pending and step > killed_at:  # one failure at a time
+                        t_kill = time.time()
                         victim.kill()
                         victim.wait()  # reaped, as a node agent would: the coordinator's pid probe sees it gone
-                        log_event(args.run_dir, "kill", replica=slot // args.stages, stage=slot % args.stages,
+                        log_event(args.run_dir, "kill", t_kill, replica=slot // args.stages, stage=slot % args.stages,
                                   pid=victim.pid, executed_step=executed, step=step)
                         pending.append(time.monotonic() + args.replace_after)
                         killed_at = step
@@ -125,8 +126,9 @@ def run_restart(args, overrides: list[str]) -> int:
                     for slot in kills.draw():
                         pids = sorted(children(agent.pid))
                         if len(pids) == n:
+                            t_kill = time.time()
                             os.kill(pids[slot], signal.SIGKILL)
-                            log_event(args.run_dir, "kill", slot=slot, pid=pids[slot], executed_step=executed, step=step)
+                            log_event(args.run_dir, "kill", t_kill, slot=slot, pid=pids[slot], executed_step=executed, step=step)
                 seen = step  # after a restart the run goes back to its checkpoint: replayed steps count again
                 time.sleep(0.05)
         finally:
