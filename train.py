@@ -112,7 +112,13 @@ class Worker:
 
     @property
     def rank(self) -> int:
+        """This generation's rank (shifts while a replica sits out)."""
         return self.topo.rank(self.replica, self.stage)
+
+    @property
+    def grid_rank(self) -> int:
+        """The slot's place in the full replicas x stages grid: a stable name for logs and fault injection."""
+        return self.replica * self.topo.stages + self.stage
 
     @property
     def ckpt_root(self) -> str:
@@ -136,8 +142,8 @@ def connect(w: Worker) -> None:
     w.groups = build_groups(w.topo, w.rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco",
                             routing=cfg.sync.routing, swap=cfg.recovery.swap)
     state = w.sync.state_dict() if w.sync else None
-    w.sync = build_sync(cfg.sync, w.module, w.groups, w.comm, w.replica, w.topo.replicas, w.stage, cfg.train.seed,
-                        cfg.train.steps)
+    w.sync = build_sync(cfg.sync, w.module, w.groups, w.comm, w.replica, len(w.topo.members), w.stage,
+                        cfg.train.seed, cfg.train.steps)
     if state:
         w.sync.load_state_dict(state)
 
@@ -158,7 +164,7 @@ def open_log(w: Worker) -> None:
     if w.log:
         w.log.rollback(w.committed)
     else:
-        w.log = RunLog(w.cfg.log.run_dir, w.rank, w.replica, w.stage, w.topo.stages, w.committed, w.cfg.log.tensorboard)
+        w.log = RunLog(w.cfg.log.run_dir, w.grid_rank, w.replica, w.stage, w.topo.stages, w.committed, w.cfg.log.tensorboard)
 
 
 def announce(w: Worker, resumed_from: str | None) -> None:
@@ -216,7 +222,7 @@ def train(w: Worker) -> None:
         else:
             loss = train_step(module, microbatches, hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
                               topo.stages, batch.n_tokens)
-        if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or w.rank in cfg.fault.kill_ranks):
+        if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or w.grid_rank in cfg.fault.kill_ranks):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, before the update
         w.sync.before_update()
         grad_norm, w.grad_norm = clip_global_grad_norm(params, cfg.optim.grad_clip, w.groups.replica, w.comm,
@@ -386,7 +392,6 @@ def run_with_recovery(cfg: Config) -> dict:
     """Generations: wait for the coordinator's plan, join its world, agree on a state, train until done or lost."""
     member = Member(cfg.recovery.coordinator, cfg.recovery.run_id, cfg.recovery.heartbeat_s)
     check_timeouts(cfg, member.settings)
-    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
     device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -397,12 +402,14 @@ def run_with_recovery(cfg: Config) -> dict:
         plan = member.next_plan(cfg.parallel.timeout_s)
         t_gen = time.monotonic()
         replica, stage = plan.slots[member.uid]
+        topo = Topology(cfg.parallel.replicas, cfg.parallel.stages, plan.active)  # a replica may sit out
         os.environ["RANK"] = str(topo.rank(replica, stage))  # for warn() and the console logger
         start_generation(member.raw, plan.gen, topo.rank(replica, stage), topo.world_size, backend,
                          cfg.parallel.timeout_s, keep=(w.groups,) if w else ())
         if w is None:
             w = build_worker(cfg, topo, replica, stage, device, corpus, member)
             os.makedirs(cfg.log.run_dir, exist_ok=True)
+        w.topo = topo
         try:
             connect(w)
             recover(w, member.uid in plan.fresh, plan.gen, t_gen)

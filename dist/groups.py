@@ -50,13 +50,13 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
         g = dist.new_group(topo.stage_ranks(s), timeout=timeout)
         if s == stage:
             mine["stage"] = g
-    for r in range(topo.replicas):
+    for r in topo.members:
         g = dist.new_group(topo.replica_ranks(r), timeout=timeout)
         if r == replica:
             mine["replica"] = g
     for s in range(topo.stages - 1):
-        for ra in range(topo.replicas):
-            for rb in range(topo.replicas) if routing else (ra,):
+        for ra in topo.members:
+            for rb in topo.members if routing else (ra,):
                 a, b = topo.rank(ra, s), topo.rank(rb, s + 1)
                 fwd, bwd = dist.new_group([a, b], timeout=timeout), dist.new_group([a, b], timeout=timeout)
                 kind = INTRA if ra == rb else CROSS
@@ -66,14 +66,14 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
                     mine["prev"][ra] = NeighbourLinks(Link(fwd, a, kind), Link(bwd, a, kind))
     pairs = {}
     for s in range(topo.stages) if replica_pairs else ():
-        for a in range(topo.replicas):
-            for b in range(a + 1, topo.replicas):
+        for a in topo.members:
+            for b in (b for b in topo.members if b > a):
                 ra, rb = topo.rank(a, s), topo.rank(b, s)
                 g = dist.new_group([ra, rb], timeout=timeout)
                 if rank in (ra, rb):
                     pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra, CROSS)
     near = {}
-    for r in range(topo.replicas) if swap else ():
+    for r in topo.members if swap else ():
         for a in range(topo.stages):
             for b in range(a + 1, min(a + 3, topo.stages)):
                 ra, rb = topo.rank(r, a), topo.rank(r, b)

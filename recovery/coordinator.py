@@ -72,7 +72,8 @@ class Coordinator:
         self.gen, self.forming, self.since = 0, True, time.monotonic()
         self.hellos = 0
         self.left: set[str] = set()
-        self.previous: set[str] = set()  # members of the last generation (the others in a plan are fresh)
+        self.previous: set[str] = set()  # members of the last plan (the others in a plan are fresh)
+        self.active: list[int] = list(range(self.replicas))  # replicas training in the current generation
         self.hostname = socket.gethostname()
         self.store.set("run", json.dumps({"replicas": self.replicas, "stages": self.stages,
                                           "heartbeat_timeout_s": self.heartbeat_timeout_s,
@@ -136,34 +137,40 @@ class Coordinator:
         self.waiting = [u for u in self.waiting if self.alive(self.workers[u])]
         if not self.forming and int(self.store.add(f"trouble/{self.gen}", 0)) > 0:
             self.end_generation("reported")  # a worker saw a transfer fail: re-form (the dead are found meanwhile)
+        if not self.forming and self.waiting and len(self.active) < self.replicas:
+            self.end_generation("rejoin")  # a replacement for a replica that sits out: bring it back
 
     def try_plan(self) -> None:
         taken = set(self.members.values())
         free = [(r, s) for r in range(self.replicas) for s in range(self.stages) if (r, s) not in taken]
-        fresh = []
         while free and self.waiting:
             uid = self.waiting.pop(0)
             self.members[uid] = free.pop(0)
-            fresh.append(uid)
             self.event("assigned", uid=uid, replica=self.members[uid][0], stage=self.members[uid][1])
-        gen = self.gen + 1
+        active = sorted({r for r in range(self.replicas)} - {r for r, _ in free})
         if free:
-            if time.monotonic() - self.since > self.join_timeout_s and self.gen > 0:
+            if self.gen == 0 or time.monotonic() - self.since < self.join_timeout_s:
+                return
+            if not active:  # nothing can train without a replacement: keep waiting
                 self.event("waiting-for-replacement", free=free, seconds=round(time.monotonic() - self.since, 1))
                 self.since = time.monotonic()
+                return
+            # no replacement in time: replicas missing a stage sit out (they wait, idle) and the others go on
+        gen = self.gen + 1
+        plan_members = {u: s for u, s in self.members.items() if s[0] in active}
+        if not all(has(self.store, f"ready/{gen}/{uid}") for uid in plan_members):
             return
-        if not all(has(self.store, f"ready/{gen}/{uid}") for uid in self.members):
-            return
-        prev = self.previous
-        plan = {"gen": gen, "members": {u: list(s) for u, s in self.members.items()},
-                "fresh": [u for u in self.members if u not in prev]}
+        plan = {"gen": gen, "members": {u: list(s) for u, s in plan_members.items()}, "active": active,
+                "fresh": [u for u in plan_members if u not in self.previous],  # new, or back from sitting out
+                "idle": [u for u in self.members if u not in plan_members]}
         self.store.set(f"plan/{gen}", json.dumps(plan))
-        self.gen, self.forming, self.previous = gen, False, set(self.members)
-        self.event("re-formed" if gen > 1 else "formed", gen=gen, fresh=plan["fresh"],
+        self.gen, self.forming, self.previous, self.active = gen, False, set(plan_members), active
+        self.event("re-formed" if gen > 1 else "formed", gen=gen, fresh=plan["fresh"], active=active,
                    seconds=round(time.monotonic() - self.since, 3))
 
     def finished(self) -> bool:
-        return bool(self.left) and not self.members
+        """Every worker of the last plan left cleanly (idle ones still waiting are told `finished`)."""
+        return bool(self.left) and not (self.previous - self.left)
 
     def serve(self, poll_s: float = 0.02, exit_when_done: bool = True) -> None:
         while not (exit_when_done and self.finished()):

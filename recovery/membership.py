@@ -28,7 +28,8 @@ class RunFinished(Exception):
 class Plan:
     gen: int
     slots: dict[str, tuple[int, int]]  # uid -> (replica, stage)
-    fresh: list[str]
+    fresh: list[str]  # new workers, and workers back from sitting out: their stage is rebuilt
+    active: tuple[int, ...]  # replicas in this generation
 
 
 class Member:
@@ -90,7 +91,8 @@ class Member:
 
     def next_plan(self, timeout_s: float) -> Plan:
         """Say ready for the next generation and wait for a plan that includes this worker. A spare (never a
-        member yet) waits through plans without it; a member left out was evicted."""
+        member yet) and an idle member (its replica sits out) wait through plans without them; any other
+        member left out was evicted."""
         seen = self.gen
         while True:
             epoch = self._wait_epoch_after(seen)
@@ -110,7 +112,11 @@ class Member:
                     self.gen = epoch
                     if not self.lost.is_set():
                         self.abort.clear()
-                return Plan(epoch, {u: tuple(s) for u, s in raw["members"].items()}, raw["fresh"])
+                return Plan(epoch, {u: tuple(s) for u, s in raw["members"].items()}, raw["fresh"],
+                            tuple(raw["active"]))
+            if self.uid in raw["idle"]:  # its replica lost a stage and no replacement came: wait to be brought back
+                seen = epoch
+                continue
             if self.gen:
                 raise MembershipError(f"this worker ({self.uid}) is not in generation {epoch}: the coordinator declared "
                                       f"it dead (missed heartbeats) and gave its slot away; start a new worker to rejoin")

@@ -136,3 +136,20 @@ def test_dead_coordinator_gives_a_checkpoint_and_a_clear_error(cluster):
     step = int(saved[0].split("_")[1])
     assert 5 <= step < 400
     assert [r["step"] for r in read_jsonl(os.path.join(c.run_dir, "ledger", "replica0.jsonl"))] == list(range(step))
+
+
+def test_replica_without_replacement_sits_out_and_rejoins_later(cluster):
+    c = cluster("degraded", 2, 2, "train.steps=200", heartbeat_timeout=1.5, join_timeout=3.0)
+    workers = [c.worker("fault.kill_at_step=6", "fault.kill_ranks=[2]") for _ in range(4)]  # replica 1, stage 0
+    c.wait_for(lambda: any(e.get("active") == [0] for e in c.events("re-formed")), what="replica 1 to sit out")
+    at = c.steps_done()
+    c.wait_for(lambda: c.steps_done() >= at + 3, what="replica 0 training alone")
+    replacement = c.worker()
+    assert c.wait_all([p for p in workers if p.poll() != -signal.SIGKILL] + [replacement]) == [0, 0, 0, 0], c.tail()
+    back = [e for e in c.events("re-formed") if e.get("active") == [0, 1]]
+    assert back and len(back[-1]["fresh"]) == 2  # the replacement and replica 1's stage 1, which sat out
+    assert sorted((e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")) == [(1, 0, "copy"), (1, 1, "copy")]
+    check_ledger(c.run_dir, 1, steps=200)  # replica 0 never stopped
+    steps = [x["step"] for x in read_jsonl(os.path.join(c.run_dir, "ledger", "replica1.jsonl"))]
+    assert steps[:6] == list(range(6)) and steps == sorted(set(steps)) and steps[-1] == 199
+    assert 6 not in steps  # while it sat out its share of those batches was skipped (the global batch shrank)
