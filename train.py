@@ -365,7 +365,9 @@ def recover(w: Worker, fresh: bool, gen: int, t_gen: float) -> None:
 def save_and_stop(w: Worker) -> None:
     """The coordinator is gone: agree with the others on a step, checkpoint it, and stop with one line."""
     deadline = threading.Event()
-    threading.Timer(w.cfg.recovery.abort_timeout_s, deadline.set).start()
+    timer = threading.Timer(w.cfg.recovery.abort_timeout_s, deadline.set)
+    timer.daemon = True
+    timer.start()
     w.comm.abort = deadline
     where = f"the coordinator at {w.cfg.recovery.coordinator} is gone"
     try:
@@ -383,7 +385,7 @@ def save_and_stop(w: Worker) -> None:
         raise CoordinatorLost(f"{where} and the workers could not agree on a final checkpoint: restart the "
                               f"coordinator and relaunch with checkpoint.resume=latest (the last saved one)") from None
     finally:
-        deadline.set()
+        timer.cancel()
     raise CoordinatorLost(f"{where}; saved {path} at step {w.committed}: restart the coordinator and relaunch the "
                           f"workers with checkpoint.resume=latest")
 
