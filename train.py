@@ -379,7 +379,8 @@ def save_and_stop(w: Worker) -> None:
             snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
         w.committed = decision.target
         w.loader.step = w.committed
-        w.log.rollback(w.committed)
+        if w.log:
+            w.log.rollback(w.committed)
         path = save_checkpoint(w, w.committed)
     except (GenerationLost, RuntimeError):
         raise CoordinatorLost(f"{where} and the workers could not agree on a final checkpoint: restart the "
