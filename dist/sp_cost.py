@@ -1,7 +1,8 @@
 """Predicted time and memory of one sequence on a sequence-parallel (SP) group of d lanes (Ulysses).
 
-time(s, d) = (quad * s^2 + lin * s) / d + comm(s, d), where comm is the all-to-all volume of
-a Ulysses layer stack, bytes_per_token * s * (d - 1) / d per lane, over the measured bandwidth;
+time(s, d) = (quad * s^2 + lin * s) / d + comm(s, d), where comm is what one lane sends in the
+Ulysses all-to-alls of the stage (q, k, v in, the output back; forward and backward),
+bytes_per_token * (s / d) * (d - 1) / d, over the measured bandwidth;
 a group of d lanes holds at most d * tokens_per_lane tokens. The coefficients are fitted from real
 measurements by `bench/profile_sp.py` (`fit`) and stored as JSON (`save` / `load`).
 """
@@ -18,12 +19,12 @@ import numpy as np
 class SPCost:
     quad: float  # seconds per token^2 (attention), for the whole stage, on one lane
     lin: float  # seconds per token (projections, MLP), on one lane
-    bytes_per_token: float  # all-to-all bytes one lane sends per token of the sequence, per unit (d - 1) / d
+    bytes_per_token: float  # all-to-all bytes per token a lane holds, before the (d - 1) / d that stays local
     bandwidth: float  # bytes per second of the lane-to-lane link
     tokens_per_lane: int  # memory: tokens one lane can hold (activations) after the model states
 
     def time(self, s: float | np.ndarray, d: int) -> float | np.ndarray:
-        comm = self.bytes_per_token * s * (d - 1) / d / self.bandwidth
+        comm = self.bytes_per_token * s / d * (d - 1) / d / self.bandwidth
         return (self.quad * s * s + self.lin * s) / d + comm
 
     def min_degree(self, s: int) -> int:
