@@ -18,10 +18,11 @@ def free_port() -> int:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """Complete records of a JSON-lines file another process may be appending to (a partial last line is skipped)."""
     if not os.path.exists(path):
         return []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        return [json.loads(line) for line in fh if line.endswith("\n") and line.strip()]
 
 
 class Cluster:
