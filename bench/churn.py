@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 from launch.cluster import read_jsonl  # noqa: E402
 
 METHODS = {  # name -> (chaos mode, train.py overrides)
-    "recovery": ("recovery", ["recovery.swap=true"]),  # layered: copy from the other replica first
+    "recovery": ("recovery", []),  # layered: a copy from the other replica, else CheckFree, else the checkpoint
     "checkfree-only": ("recovery", ["recovery.swap=true", "recovery.rebuild=checkfree"]),
     "checkpoint-restart": ("restart", []),
 }

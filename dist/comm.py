@@ -87,12 +87,12 @@ class Comm:
         if self.abort is None:
             work.wait()
             return
-        pause = 1e-4
+        pause = 5e-5
         while not work.is_completed():
             if self.abort.is_set():
                 raise GenerationLost("the coordinator ended this generation", False)
             time.sleep(pause)
-            pause = min(2 * pause, 2e-3)
+            pause = min(2 * pause, 5e-4)  # short: every wait adds up to one pause of latency to the step
         try:
             work.wait()
         except RuntimeError as err:

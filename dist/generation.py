@@ -24,6 +24,11 @@ def start_generation(store, gen: int, rank: int, world: int, backend: str, timeo
                             timeout=timedelta(seconds=timeout_s))
 
 
+def park(*groups) -> None:
+    """Keep groups alive until the process ends (a transfer on them may still be pending after a failure)."""
+    _GRAVEYARD.append(groups)
+
+
 def exit_process(code: int) -> None:
     """End the process; with abandoned groups skip their destructors (they would wait on dead peers)."""
     sys.stdout.flush()

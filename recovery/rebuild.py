@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist.comm import Comm
+from dist.generation import park
 from dist.topology import Topology
 
 RECOVERY = "recovery"  # link class of recovery traffic in the byte counters
@@ -141,6 +142,7 @@ def run_transfers(decision: Decision, topo: Topology, w, comm: Comm, rule: str, 
     me = (w.replica, w.stage)
     transfers = [(dst, method, src) for dst, method, srcs in decision.sources for src in srcs]
     groups = [dist.new_group([topo.rank(*src), topo.rank(*dst)]) for dst, _, src in transfers]
+    park(*groups)  # never destroyed on this thread, even if a transfer fails half-way
     received, mine = [], None
     for (dst, method, src), group in zip(transfers, groups):
         if src == me:
