@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,8 @@ def run(method: str, rate: float, steps: int, ckpt_every: int, workdir: str, see
            f"train.steps={steps}", f"log.eval_every={steps // 12}", f"checkpoint.every={ckpt_every}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"{method} at {rate}% failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        kept = shutil.copytree(run_dir, tempfile.mkdtemp(prefix=f"churn-failed-{method}-"), dirs_exist_ok=True)
+        raise SystemExit(f"{method} at {rate}% failed (run kept in {kept}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     chaos = json.loads(proc.stdout.strip().splitlines()[-1])
     evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "val_loss" in r]
     return {"chaos": chaos, "evals": evals, "start": chaos["started"]}

@@ -89,7 +89,10 @@ def run_recovery(args, overrides: list[str]) -> int:
                 c.worker()
             time.sleep(0.05)
         codes = [p.returncode for p in c.workers]
-        return (0 if all(code in (0, -signal.SIGKILL) for code in codes) else 1), executed
+        bad = [(p.pid, p.returncode, p.log_path) for p in c.workers if p.returncode not in (0, -signal.SIGKILL)]
+        if bad:
+            log_event(args.run_dir, "worker-failed", workers=bad)
+        return (0 if not bad else 1), executed
     finally:
         c.stop()
 
