@@ -51,12 +51,12 @@ def alltoall_worker(out_path: str) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo")
     results = []
-    for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20):
+    for n in (1 << 8, 1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20):
         x = torch.randn(n)
         y = torch.empty_like(x)
         dist.all_to_all_single(y, x)  # warm-up
         best = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             dist.barrier()
             t0 = time.perf_counter()
             dist.all_to_all_single(y, x)
@@ -88,7 +88,7 @@ def main() -> None:
             alltoall = [tuple(x) for x in json.load(fh)]
     cfg = model_config(load_config([]), 257)
     bytes_per_token = 4 * 2 * cfg.n_layers * cfg.dim * 4  # q, k, v, out; forward + backward; fp32
-    cost = fit(compute, alltoall, bytes_per_token, args.tokens_per_lane)
+    cost = fit(compute, alltoall, bytes_per_token, args.tokens_per_lane, alltoalls_per_sequence=4 * 2 * cfg.n_layers)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cost.save(args.out)
     print(json.dumps({"bench": "profile_sp", "out": args.out, **cost.__dict__,

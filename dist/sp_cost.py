@@ -2,7 +2,8 @@
 
 time(s, d) = (quad * s^2 + lin * s) / d + comm(s, d), where comm is what one lane sends in the
 Ulysses all-to-alls of the stage (q, k, v in, the output back; forward and backward),
-bytes_per_token * (s / d) * (d - 1) / d, over the measured bandwidth;
+bytes_per_token * (s / d) * (d - 1) / d, over the measured bandwidth, plus the all-to-alls' start-up
+latency (none on a group of one lane);
 a group of d lanes holds at most d * tokens_per_lane tokens. The coefficients are fitted from real
 measurements by `bench/profile_sp.py` (`fit`) and stored as JSON (`save` / `load`).
 """
@@ -22,9 +23,10 @@ class SPCost:
     bytes_per_token: float  # all-to-all bytes per token a lane holds, before the (d - 1) / d that stays local
     bandwidth: float  # bytes per second of the lane-to-lane link
     tokens_per_lane: int  # memory: tokens one lane can hold (activations) after the model states
+    latency: float = 0.0  # seconds of all-to-all start-up per sequence on a group of > 1 lane (all layers)
 
     def time(self, s: float | np.ndarray, d: int) -> float | np.ndarray:
-        comm = self.bytes_per_token * s / d * (d - 1) / d / self.bandwidth
+        comm = self.bytes_per_token * s / d * (d - 1) / d / self.bandwidth + (self.latency if d > 1 else 0.0)
         return (self.quad * s * s + self.lin * s) / d + comm
 
     def min_degree(self, s: int) -> int:
@@ -42,12 +44,14 @@ class SPCost:
 
 
 def fit(compute: list[tuple[int, float]], alltoall: list[tuple[int, float]], bytes_per_token: float,
-        tokens_per_lane: int) -> SPCost:
-    """Least-squares fit: compute = [(tokens, seconds on one lane)], alltoall = [(bytes per lane, seconds)]."""
+        tokens_per_lane: int, alltoalls_per_sequence: int = 0) -> SPCost:
+    """Least-squares fits: compute = [(tokens, seconds on one lane)] on s^2 and s; alltoall = [(bytes per lane,
+    seconds)] on a start-up time and bytes / bandwidth (the start-up counted alltoalls_per_sequence times)."""
     s = np.array([c[0] for c in compute], dtype=float)
     t = np.array([c[1] for c in compute], dtype=float)
     (quad, lin), *_ = np.linalg.lstsq(np.stack([s * s, s], axis=1), t, rcond=None)
     b = np.array([a[0] for a in alltoall], dtype=float)
     secs = np.array([a[1] for a in alltoall], dtype=float)
-    bandwidth = float(b @ b / max(b @ secs, 1e-12))  # seconds = bytes / bandwidth, through the origin
-    return SPCost(max(float(quad), 0.0), max(float(lin), 0.0), bytes_per_token, bandwidth, tokens_per_lane)
+    (start, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(b), b], axis=1), secs, rcond=None)
+    return SPCost(max(float(quad), 0.0), max(float(lin), 0.0), bytes_per_token, 1.0 / max(float(per_byte), 1e-15),
+                  tokens_per_lane, max(float(start), 0.0) * alltoalls_per_sequence)

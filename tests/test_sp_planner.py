@@ -99,9 +99,10 @@ def test_every_process_computes_the_same_plan():
 
 
 def test_fit_recovers_known_coefficients():
-    true = SPCost(quad=3e-9, lin=2e-6, bytes_per_token=1e4, bandwidth=1e9, tokens_per_lane=2048)
+    true = SPCost(quad=3e-9, lin=2e-6, bytes_per_token=1e4, bandwidth=1e9, tokens_per_lane=2048, latency=8 * 1e-4)
     compute = [(s, true.quad * s * s + true.lin * s) for s in (256, 512, 1024, 2048, 4096)]
-    alltoall = [(b, b / true.bandwidth) for b in (1e5, 1e6, 1e7)]
-    got = fit(compute, alltoall, true.bytes_per_token, true.tokens_per_lane)
+    alltoall = [(b, 1e-4 + b / true.bandwidth) for b in (1e3, 1e5, 1e6, 1e7)]
+    got = fit(compute, alltoall, true.bytes_per_token, true.tokens_per_lane, alltoalls_per_sequence=8)
     assert got.quad == pytest.approx(true.quad, rel=1e-6) and got.lin == pytest.approx(true.lin, rel=1e-6)
-    assert got.bandwidth == pytest.approx(true.bandwidth, rel=1e-6)
+    assert got.bandwidth == pytest.approx(true.bandwidth, rel=1e-6) and got.latency == pytest.approx(true.latency)
+    assert got.time(1000, 1) == pytest.approx(true.quad * 1e6 + true.lin * 1e3)  # one lane: no all-to-all
