@@ -17,6 +17,14 @@ def warn(msg: str) -> None:
     print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """Complete records of a JSON-lines file another process may be appending to (a partial last line is skipped)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.endswith("\n") and line.strip()]
+
+
 def truncate_jsonl(path: str, first_step: int) -> None:
     """Drop records of steps >= first_step (steps that were rolled back and will be replayed)."""
     if not os.path.exists(path):

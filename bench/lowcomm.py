@@ -15,6 +15,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from metrics import read_jsonl  # noqa: E402
 
 METHODS = {
     "ddp": [],
@@ -29,11 +32,6 @@ METHODS = {
 }
 BASE = ["parallel.replicas=4", "parallel.stages=1", "parallel.microbatches=1", "train.batch_size=8",
         "data.seq_len=128", "log.eval_batches=16", "log.log_every=50", "checkpoint.every=0", "log.tensorboard=false"]
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def run_method(name: str, overrides: list[str], steps: int, extra: list[str], workdir: str) -> dict:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from metrics import read_jsonl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,14 +17,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Complete records of a JSON-lines file another process may be appending to (a partial last line is skipped)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.endswith("\n") and line.strip()]
 
 
 class Cluster:

@@ -1,20 +1,15 @@
 """Kill a real 2-stage run mid-step (SIGKILL), resume from the latest checkpoint: bitwise the same as never stopping."""
-import json
 import os
 
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from metrics import read_jsonl
 from tests.procs import run, train_cmd
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64",
         "train.batch_size=4", "parallel.microbatches=2", "train.steps=12", "checkpoint.every=5",
         "log.eval_every=0", "log.log_every=4"]
-
-
-def read_jsonl(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def final_weights(run_dir, step, tmp_path):
