@@ -35,15 +35,23 @@ from optim.sync import build_sync
 from recovery import checkpoint, snapshot
 from recovery.checkpoint import CheckpointError
 from recovery.membership import CoordinatorLost, Member, MembershipError, RunFinished
-from recovery.rebuild import RankInfo, decide, gather_infos, refresh_edge_copies, run_transfers
+from recovery.rebuild import Decision, RankInfo, decide, gather_infos, refresh_edge_copies, run_transfers
+
+
+def choose_backend(cfg: Config) -> str:
+    """gloo or nccl (the config's, or by device); also applies train.threads. Checks a GPU is there if asked."""
+    use_cuda = cfg.train.device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no GPU is visible: use train.device=cpu")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    return cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
 
 
 def init_processes(cfg: Config) -> tuple[int, int, torch.device]:
     """Join the torchrun world, or make a world of one for a plain `python train.py`."""
+    backend = choose_backend(cfg)
     use_cuda = cfg.train.device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no GPU is visible: use train.device=cpu")
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
@@ -53,8 +61,6 @@ def init_processes(cfg: Config) -> tuple[int, int, torch.device]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -320,12 +326,23 @@ def check_timeouts(cfg: Config, settings: dict) -> None:
                           f"{cfg.parallel.stages}: start both with the same grid")
 
 
+def my_info(w: Worker, fresh: bool) -> RankInfo:
+    """What this rank tells the others when they agree on a state."""
+    return RankInfo(w.replica, w.stage, fresh, w.committed + w.applied, w.undo is not None, w.grad_norm)
+
+
+def take_back(w: Worker, decision: Decision) -> None:
+    """Go to the agreed step: undo this rank's last update if it was ahead."""
+    if (w.replica, w.stage) in decision.undo:
+        snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
+    w.committed = decision.target
+
+
 def recover(w: Worker, fresh: bool, gen: int, t_gen: float) -> None:
     """Agree with every rank of the new generation on one state: roll back, rebuild fresh stages, or load a checkpoint."""
     cfg, topo = w.cfg, w.topo
     w.module.zero_grad(set_to_none=False)
-    me = RankInfo(w.replica, w.stage, fresh, w.committed + w.applied, w.undo is not None, w.grad_norm)
-    decision = decide(gather_infos(me, w.comm), topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
+    decision = decide(gather_infos(my_info(w, fresh), w.comm), topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
     resumed_from = None
     if decision.target is None or decision.checkpoint:  # a new run, or no slot can be rebuilt in memory
         resume = cfg.checkpoint.resume if decision.target is None else "latest"
@@ -339,9 +356,7 @@ def recover(w: Worker, fresh: bool, gen: int, t_gen: float) -> None:
             w.committed, w.lr_scale, w.edge_copy = 0, 1.0, {}
         method = "checkpoint" if decision.target is not None else None
     else:
-        if (w.replica, w.stage) in decision.undo:
-            snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
-        w.committed = decision.target
+        take_back(w, decision)
         method = run_transfers(decision, topo, w, w.comm, cfg.recovery.checkfree_weight, cfg.recovery.lr_boost)
         if any(slot[1] == w.stage for slot, _, _ in decision.sources) and getattr(w.sync, "ef", None):
             w.sync.ef.reset()  # a replica of this stage changed: error feedback restarts with a dense round
@@ -371,13 +386,10 @@ def save_and_stop(w: Worker) -> None:
     w.comm.abort = deadline
     where = f"the coordinator at {w.cfg.recovery.coordinator} is gone"
     try:
-        me = RankInfo(w.replica, w.stage, False, w.committed + w.applied, w.undo is not None, w.grad_norm)
-        decision = decide(gather_infos(me, w.comm), w.topo.stages)
+        decision = decide(gather_infos(my_info(w, False), w.comm), w.topo.stages)
         if decision.checkpoint:
             raise GenerationLost("no common step", False)
-        if (w.replica, w.stage) in decision.undo:
-            snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
-        w.committed = decision.target
+        take_back(w, decision)
         w.loader.step = w.committed
         if w.log:
             w.log.rollback(w.committed)
@@ -395,10 +407,8 @@ def run_with_recovery(cfg: Config) -> dict:
     """Generations: wait for the coordinator's plan, join its world, agree on a state, train until done or lost."""
     member = Member(cfg.recovery.coordinator, cfg.recovery.run_id, cfg.recovery.heartbeat_s)
     check_timeouts(cfg, member.settings)
+    backend = choose_backend(cfg)
     device = torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     corpus = load_corpus(cfg.data)  # before the first plan: a replacement is ready to train when it gets a slot
     w = None
     while True:
