@@ -226,8 +226,9 @@ def _plan_pass(seqs, lengths, lanes, cost, choices, time_limit_s, candidates, ex
         return t, _groups(sizes, members, table), "exact"
     if choices is None:  # adaptive: the best-bounded tilings, and every single-degree tiling as a safety net
         ranked = _rank(table, lanes)
+        feasible = set(ranked)
         singles = [(d,) * (lanes // d) for d in table.degrees]
-        choices = list(dict.fromkeys(ranked[:candidates] + [t for t in singles if t in set(ranked)]))
+        choices = list(dict.fromkeys(ranked[:candidates] + [t for t in singles if t in feasible]))
     best = None
     for sizes in choices:
         packed = _greedy(table, sizes, cost)

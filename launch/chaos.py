@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.cluster import ROOT, Cluster, free_port, read_jsonl  # noqa: E402
+from launch.cluster import ROOT, Cluster, read_jsonl  # noqa: E402
 
 
 def log_event(run_dir: str, kind: str, t: float | None = None, **fields) -> None:
@@ -62,7 +62,8 @@ class Kills:
         return [s for s in range(self.slots) if self.rng.random() < self.p]
 
 
-def run_recovery(args, overrides: list[str]) -> int:
+def run_recovery(args, overrides: list[str]) -> tuple[int, int]:
+    """(exit code, executed steps)."""
     c = Cluster(args.run_dir, args.replicas, args.stages, overrides, secret=os.environ["FLOTILLA_SECRET"],
                 heartbeat_timeout=args.heartbeat_timeout, join_timeout=args.join_timeout).start()
     try:
@@ -88,7 +89,6 @@ def run_recovery(args, overrides: list[str]) -> int:
                 pending.pop(0)
                 c.worker()
             time.sleep(0.05)
-        codes = [p.returncode for p in c.workers]
         bad = [(p.pid, p.returncode, p.log_path) for p in c.workers if p.returncode not in (0, -signal.SIGKILL)]
         if bad:
             log_event(args.run_dir, "worker-failed", workers=bad)
@@ -100,16 +100,13 @@ def run_recovery(args, overrides: list[str]) -> int:
 def holder(c: Cluster, slot: int):
     """The live worker process currently assigned to a slot (from the coordinator's events)."""
     replica, stage = divmod(slot, c.stages)
-    pid = None
-    for e in c.events("assigned"):
-        if (e["replica"], e["stage"]) == (replica, stage):
-            pid = int(e["uid"].split("-")[-2])
-    return next((p for p in c.workers if p.pid == pid), None)
+    pids = [e["pid"] for e in c.events("assigned") if (e["replica"], e["stage"]) == (replica, stage)]
+    return next((p for p in c.workers if pids and p.pid == pids[-1]), None)
 
 
-def run_restart(args, overrides: list[str]) -> int:
-    """Checkpoint-restart: a kill takes the whole torchrun job down; it is started again and resumes from the
-    latest checkpoint (torchrun's own --max-restarts reused stale gloo addresses on this machine)."""
+def run_restart(args, overrides: list[str]) -> tuple[int, int]:
+    """(exit code, executed steps) of checkpoint-restart: a kill takes the whole torchrun job down; it is started
+    again and resumes from the latest checkpoint (torchrun's own --max-restarts reused stale gloo addresses here)."""
     n = args.replicas * args.stages
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(os.path.join(args.run_dir, "torchrun.log"), "w")
@@ -153,15 +150,15 @@ def summarize(run_dir: str) -> dict:
             return next((e for e in after if e["event"] == kind), None)
 
         detect, formed = first("detect"), first("re-formed")
-        resumed = [e for e in after if e["event"] == "resumed" and formed and e.get("gen") == formed["gen"]]
-        rebuilt = [e for e in after if e["event"] == "rebuilt" and formed and e.get("gen") == formed["gen"]]
         if not formed:  # checkpoint-restart: the restarted job has loaded its checkpoint
             back = first("resumed")
             out.append({"kill": i, "resumed_s": round(back["t"] - kill["t"], 3) if back else None,
                         "detect_to_resume_s": None, "rebuilt_by": ["checkpoint-restart"]})
             continue
+        resumed = [e for e in after if e["event"] == "resumed" and e.get("gen") == formed["gen"]]
+        rebuilt = [e for e in after if e["event"] == "rebuilt" and e.get("gen") == formed["gen"]]
         out.append({"kill": i, "detect_s": round(detect["t"] - kill["t"], 3) if detect else None,
-                    "reformed_s": round(formed["t"] - kill["t"], 3) if formed else None,
+                    "reformed_s": round(formed["t"] - kill["t"], 3),
                     "resumed_s": round(max(e["t"] for e in resumed) - kill["t"], 3) if resumed else None,
                     "detect_to_resume_s": round(max(e["t"] for e in resumed) - detect["t"], 3)
                     if resumed and detect else None,

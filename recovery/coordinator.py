@@ -146,7 +146,8 @@ class Coordinator:
         while free and self.waiting:
             uid = self.waiting.pop(0)
             self.members[uid] = free.pop(0)
-            self.event("assigned", uid=uid, replica=self.members[uid][0], stage=self.members[uid][1])
+            self.event("assigned", uid=uid, pid=self.workers[uid].pid, replica=self.members[uid][0],
+                       stage=self.members[uid][1])
         active = sorted({r for r in range(self.replicas)} - {r for r, _ in free})
         if free:
             if self.gen == 0 or time.monotonic() - self.since < self.join_timeout_s:

@@ -101,8 +101,8 @@ def test_hung_worker_is_detected_by_heartbeat_timeout(cluster):
     c = cluster("hung", 1, 2, "train.steps=30", heartbeat_timeout=1.5)
     workers = [c.worker() for _ in range(2)]
     c.wait_for(lambda: c.steps_done() >= 4, what="4 steps")
-    slots = {e["uid"].split("-")[-2]: e["stage"] for e in c.events("assigned")}
-    victim = next(p for p in workers if slots.get(str(p.pid)) == 0)
+    slots = {e["pid"]: e["stage"] for e in c.events("assigned")}
+    victim = next(p for p in workers if slots.get(p.pid) == 0)
     stopped = time.time()
     victim.send_signal(signal.SIGSTOP)  # hung, not dead: only the missing heartbeats tell
     c.wait_for(lambda: c.events("detect"), timeout=30, what="detection")
