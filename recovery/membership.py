@@ -1,6 +1,7 @@
 """A worker's side of membership: hello to the coordinator, heartbeats, abort on a new epoch, waiting for plans."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -48,10 +49,29 @@ class Member:
         except RuntimeError as err:
             raise CoordinatorLost(f"cannot reach the coordinator at {address} ({str(err).splitlines()[0][:80]}): "
                                   f"start it (python -m recovery.coordinator) or fix recovery.coordinator") from None
+        with self._store_errors():
+            self._hello(secret=os.environ.get("FLOTILLA_SECRET", ""), hello_timeout_s=hello_timeout_s)
+            self._beat_store = run_store(host, int(port), run_id, is_master=False)[1]  # the thread's own client
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def _store_errors(self):
+        """A store call that fails (the coordinator went away mid-call) ends in CoordinatorLost, one line."""
+        try:
+            yield
+        except MembershipError:
+            raise
+        except RuntimeError as err:
+            self.lost.set()
+            raise CoordinatorLost(f"the coordinator at {self.address} is gone ({str(err).splitlines()[0][:80]})") \
+                from None
+
+    def _hello(self, secret: str, hello_timeout_s: float) -> None:
+        address, run_id = self.address, self.run_id
         if not has(self.store, "run"):
             raise MembershipError(f"no run '{run_id}' at the coordinator {address}: check recovery.run_id")
         self.settings = json.loads(self.store.get("run"))
-        secret = os.environ.get("FLOTILLA_SECRET", "")
         i = int(self.store.add("hello/count", 1))
         self.store.set(f"hello/{i}", json.dumps({"uid": self.uid, "mac": mac(secret, run_id, self.uid),
                                                   "pid": os.getpid(), "host": socket.gethostname()}))
@@ -64,9 +84,6 @@ class Member:
         if answer != "ok":
             raise MembershipError(f"refused by the coordinator at {address}: {answer.removeprefix('refused: ')} "
                                   f"(set FLOTILLA_SECRET to the run's secret)")
-        self._beat_store = run_store(host, int(port), run_id, is_master=False)[1]  # the thread's own client
-        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.is_set():
@@ -93,6 +110,10 @@ class Member:
         """Say ready for the next generation and wait for a plan that includes this worker. A spare (never a
         member yet) and an idle member (its replica sits out) wait through plans without them; any other
         member left out was evicted."""
+        with self._store_errors():
+            return self._next_plan(timeout_s)
+
+    def _next_plan(self, timeout_s: float) -> Plan:
         seen = self.gen
         while True:
             epoch = self._wait_epoch_after(seen)
