@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,9 @@ class ParallelConfig:
     schedule: str = "1f1b"  # gpipe | 1f1b
     backend: str = "auto"  # auto | gloo | nccl
     timeout_s: float = 300.0
+    lanes: int = 1  # devices per stage sharing its weights; > 1 splits each batch's sequences over them (SP)
+    sp: str = "adaptive"  # with lanes > 1: adaptive (per-batch plan) | static:<d> (every SP group of d lanes)
+    sp_cost: str = ".cache/flotilla/sp_cost.json"  # the SP cost model, fitted by `python bench/profile_sp.py`
 
 
 @dataclass
@@ -68,6 +72,8 @@ class SyncConfig:
     gamma: float = 0.7  # noloco pull towards the pair-mean of phi
     routing: bool = False  # noloco's random pipeline routing: micro-batches change replica between stages
     final_average: bool = False  # diloco/noloco: one all-reduce of the weights at the last step (one model to export)
+    transport: str = "torch"  # diloco/noloco outer exchange: torch (one world) | hivemind (across sites, see wan:)
+    lane_compress: str = "none"  # gradient sync across the lanes of a stage (every step): none | <ef21|ef21sgdm|ef14>-<topk|randk|int8>
 
 
 @dataclass
@@ -133,6 +139,24 @@ class RecoveryConfig:
 
 
 @dataclass
+class WanConfig:
+    """Replicas at different sites (sync.transport=hivemind, optim/wan.py): each site is its own torchrun group;
+    every rank is a hivemind peer that finds the same stage of the other sites through a DHT."""
+    run_id: str = "flotilla"  # DHT key prefix: the same on every site of a run, a new one for a new run
+    site: int = 0  # this site: it reads the data of replica `site` of `sites`
+    sites: int = 1
+    initial_peers: list[str] = field(default_factory=list)  # running peers (site 0 prints its multiaddr); [] = new DHT
+    host: str = "0.0.0.0"  # listen address
+    port: int = 0  # rank k of the site listens on port + k; 0 = any free port
+    announce_host: str = ""  # address the other sites dial, when not the listen address (NAT with port forwarding)
+    client_mode: bool = False  # behind NAT without forwarding: outgoing connections only
+    identity_path: str = ""  # site rank 0's key file (made if missing): a fixed peer id other sites can list in advance
+    startup_s: float = 240.0  # joining the DHT retries, and the first outer step waits for every other site, this long
+    matchmaking_s: float = 30.0  # later outer steps wait this long for the others, then go alone
+    averaging_s: float = 120.0  # one exchange once its group formed (a peer silent for a third of it is dropped)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +168,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    wan: WanConfig = field(default_factory=WanConfig)
 
 
 class ConfigError(ValueError):
@@ -209,6 +234,8 @@ def validate(cfg: Config) -> None:
     if p.schedule not in ("gpipe", "1f1b"):
         raise ConfigError(f"parallel.schedule='{p.schedule}': choose gpipe or 1f1b")
     validate_sync(cfg.sync)
+    validate_lanes(cfg)
+    validate_wan(cfg)
     if cfg.sync.routing and (p.stages < 2 or p.replicas < 2):
         raise ConfigError("sync.routing moves micro-batches between replicas at stage boundaries: it needs "
                           "parallel.stages >= 2 and parallel.replicas >= 2")
@@ -226,11 +253,12 @@ def validate(cfg: Config) -> None:
 def validate_sync(s: SyncConfig) -> None:
     if s.method not in ("ddp", "diloco", "noloco"):
         raise ConfigError(f"sync.method='{s.method}': choose ddp, diloco or noloco")
-    if s.compress != "none":
-        kind, _, comp = s.compress.partition("-")
-        if kind not in ("ef21", "ef21sgdm", "ef14") or comp not in ("topk", "randk", "int8"):
-            raise ConfigError(f"sync.compress='{s.compress}': use none or <ef21|ef21sgdm|ef14>-<topk|randk|int8>, "
+    for key, value in (("compress", s.compress), ("lane_compress", s.lane_compress)):
+        kind, _, comp = value.partition("-")
+        if value != "none" and (kind not in ("ef21", "ef21sgdm", "ef14") or comp not in ("topk", "randk", "int8")):
+            raise ConfigError(f"sync.{key}='{value}': use none or <ef21|ef21sgdm|ef14>-<topk|randk|int8>, "
                               f"e.g. ef21-topk")
+    if s.compress != "none":
         if s.method == "noloco":
             raise ConfigError("sync.compress applies to ddp gradients and diloco pseudo-gradients: set "
                               "sync.compress=none with sync.method=noloco")
@@ -246,6 +274,72 @@ def validate_sync(s: SyncConfig) -> None:
         if not s.beta > s.alpha or not s.alpha < s.gamma < math.sqrt(2 + s.alpha ** 2):
             raise ConfigError(f"sync.alpha={s.alpha}, beta={s.beta}, gamma={s.gamma} break NoLoCo's convergence "
                               f"conditions: need beta > alpha and alpha < gamma < sqrt(2 + alpha^2)")
+
+
+def validate_lanes(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.lanes < 1:
+        raise ConfigError(f"parallel.lanes={p.lanes} must be >= 1")
+    degree = p.sp.split(":", 1)[1] if p.sp.startswith("static:") else None
+    if p.sp != "adaptive" and not (degree and degree.isdigit() and int(degree) >= 1):
+        raise ConfigError(f"parallel.sp='{p.sp}': choose adaptive or static:<d>, e.g. parallel.sp=static:2")
+    if p.lanes == 1:
+        return
+    largest = int(degree) if degree else 1 << (p.lanes.bit_length() - 1)
+    if degree and (largest & (largest - 1) or p.lanes % largest):
+        raise ConfigError(f"parallel.sp={p.sp}: the SP degree must be a power of two that divides parallel.lanes={p.lanes}")
+    if cfg.model.n_heads % largest:
+        raise ConfigError(f"model.n_heads={cfg.model.n_heads} must divide by the largest SP group ({largest} lanes: "
+                          f"Ulysses splits heads over the group): use fewer lanes or parallel.sp=static:<d>")
+    if cfg.recovery.coordinator or cfg.sync.routing:
+        raise ConfigError("parallel.lanes > 1 is not supported with recovery.coordinator or sync.routing yet: "
+                          "use parallel.lanes=1 for those")
+
+
+def validate_wan(cfg: Config) -> None:
+    s, w = cfg.sync, cfg.wan
+    if s.transport not in ("torch", "hivemind"):
+        raise ConfigError(f"sync.transport='{s.transport}': choose torch or hivemind")
+    if s.transport == "torch":
+        if w.sites != 1 or w.site != 0 or w.initial_peers:
+            raise ConfigError("wan.site/sites/initial_peers apply to sync.transport=hivemind: set it, or drop them")
+        return
+    if s.method == "ddp":
+        raise ConfigError("sync.transport=hivemind carries the outer step of diloco or noloco (ddp would average "
+                          "across sites every step): set sync.method=diloco or noloco")
+    unsupported = [fix for bad, fix in ((s.compress != "none", "sync.compress=none"),
+                                        (s.fragments != 1, "sync.fragments=1"),
+                                        (s.final_average, "sync.final_average=false"),
+                                        (s.routing, "sync.routing=false"),
+                                        (s.precision not in ("fp32", "bf16"), "sync.precision=fp32 or bf16"),
+                                        (cfg.parallel.lanes > 1, "parallel.lanes=1")) if bad]
+    if unsupported:
+        raise ConfigError(f"sync.transport=hivemind does not support this yet: set {', '.join(unsupported)}")
+    if not 0 <= w.site < w.sites:
+        raise ConfigError(f"wan.site={w.site} must be in 0..wan.sites-1 (wan.sites={w.sites}): number sites 0, 1, ...")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", w.run_id):
+        raise ConfigError(f"wan.run_id='{w.run_id}' prefixes DHT keys: use only letters, digits, _ and -")
+    if not 0 <= w.port < 65536 or (w.announce_host and not w.port):
+        raise ConfigError(f"wan.port={w.port}: use 0 (any free port) or a port below 65536; wan.announce_host needs "
+                          f"a fixed wan.port (the one forwarded to this machine)")
+    if w.client_mode and not w.initial_peers:
+        raise ConfigError("wan.client_mode=true accepts no connections, so it cannot start a DHT: give "
+                          "wan.initial_peers of a reachable site")
+    if min(w.startup_s, w.matchmaking_s, w.averaging_s) <= 0:
+        raise ConfigError("wan.startup_s, wan.matchmaking_s and wan.averaging_s must be > 0")
+    if w.startup_s >= cfg.parallel.timeout_s:
+        raise ConfigError(f"wan.startup_s={w.startup_s:g} must be below parallel.timeout_s={cfg.parallel.timeout_s:g} "
+                          f"(the site's other ranks wait in a torch.distributed call meanwhile): lower or raise one")
+    if w.initial_peers:
+        from hivemind.utils.multiaddr import Multiaddr  # here: only hivemind runs import hivemind
+        for peer in w.initial_peers:
+            try:
+                ok = "p2p" in [p.name for p in Multiaddr(peer).protocols()]
+            except Exception:  # the parser raises several kinds
+                ok = False
+            if not ok:
+                raise ConfigError(f"wan.initial_peers entry '{peer}' is not a peer multiaddr like "
+                                  f"/ip4/10.0.0.1/tcp/31337/p2p/12D3KooW...: copy the one site 0 prints at start-up")
 
 
 def validate_recovery(cfg: Config) -> None:
@@ -271,13 +365,14 @@ def validate_recovery(cfg: Config) -> None:
 
 
 def check_world(cfg: Config, world_size: int) -> None:
-    """The launched world must be exactly replicas x stages processes."""
-    need = cfg.parallel.replicas * cfg.parallel.stages
+    """The launched world must be exactly replicas x stages x lanes processes."""
+    p = cfg.parallel
+    need = p.replicas * p.stages * p.lanes
     if world_size != need:
         raise ConfigError(
-            f"world size {world_size} does not fit parallel.replicas={cfg.parallel.replicas} x parallel.stages="
-            f"{cfg.parallel.stages} = {need} processes: launch with torchrun --nproc-per-node={need} "
-            f"or set parallel.replicas/parallel.stages so their product is {world_size}")
+            f"world size {world_size} does not fit parallel.replicas={p.replicas} x parallel.stages={p.stages}"
+            f" x parallel.lanes={p.lanes} = {need} processes: launch with torchrun --nproc-per-node={need} "
+            f"or set parallel.replicas/stages/lanes so their product is {world_size}")
 
 
 def to_yaml(cfg: Config) -> str:

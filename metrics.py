@@ -35,19 +35,27 @@ def truncate_jsonl(path: str, first_step: int) -> None:
         fh.writelines(keep)
 
 
+# TensorBoard's Custom Scalars tab (the logger rank writes it): loss against tokens seen and against the bytes
+# sent between replicas (what low-communication sync saves), and recoveries (events so far on each rank).
+LAYOUT = {"flotilla": {"loss vs tokens seen": ["Multiline", [r"by_tokens/.*"]],
+                       "val loss vs cross-replica bytes sent (logger rank)": ["Multiline", [r"by_bytes/.*"]],
+                       "recoveries (rebuilt / resumed events so far, per rank)": ["Multiline", [r"recovery/.*"]]}}
+
+
 class RunLog:
     """The logger rank (replica 0, last stage) owns the console, train scalars and metrics.jsonl;
     stage 0 of each replica owns that replica's sample ledger; every rank logs its own bytes sent
     and its outer steps (sync/rank<k>.jsonl)."""
 
     def __init__(self, run_dir: str, rank: int, replica: int, stage: int, stages: int, start_step: int,
-                 tensorboard: bool):
-        self.rank, self.replica = rank, replica
-        self.is_logger = replica == 0 and stage == stages - 1
+                 tensorboard: bool, tokens_per_step: int = 0, lane: int = 0):
+        self.rank, self.replica, self.tokens_per_step = rank, replica, tokens_per_step
+        self.recoveries = {"rebuilt": 0, "resumed": 0}
+        self.is_logger = replica == 0 and stage == stages - 1 and lane == 0
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        self.ledger_path = os.path.join(run_dir, "ledger", f"replica{replica}.jsonl") if stage == 0 else None
+        self.ledger_path = os.path.join(run_dir, "ledger", f"replica{replica}.jsonl") if stage == lane == 0 else None
         self.sync_path = os.path.join(run_dir, "sync", f"rank{rank}.jsonl")
         for path in (self.ledger_path, self.sync_path):
             if path:
@@ -57,9 +65,12 @@ class RunLog:
         tb = os.path.join(run_dir, "tb")
         self.tb = SummaryWriter(os.path.join(tb, "train")) if tensorboard and self.is_logger else None
         self.tb_comm = SummaryWriter(os.path.join(tb, f"rank{rank}")) if tensorboard else None
+        if self.tb:
+            self.tb.add_custom_scalars(LAYOUT)
 
     def rollback(self, step: int) -> None:
         """Forget records of steps >= step (they will be replayed) and append from there."""
+        self.at_step = step
         for f in (self.metrics, self.ledger, self.sync):
             if f:
                 f.close()
@@ -76,6 +87,9 @@ class RunLog:
         """A recovery event (events.jsonl, shared with the coordinator and the chaos launcher)."""
         with open(os.path.join(self.run_dir, "events.jsonl"), "a") as fh:
             fh.write(json.dumps({"t": time.time(), "event": kind, "rank": self.rank, **fields}) + "\n")
+        if kind in self.recoveries and self.tb_comm:
+            self.recoveries[kind] += 1
+            self.tb_comm.add_scalar(f"recovery/{kind}", self.recoveries[kind], self.at_step)
 
     def say(self, msg: str) -> None:
         if self.is_logger:
@@ -100,11 +114,15 @@ class RunLog:
         if self.metrics:
             self.metrics.write(json.dumps({"step": step, **values, "t": time.time()}) + "\n")
             self.metrics.flush()
+        if self.tb and "val_loss" in values and "cross_bytes" in values:
+            self.tb.add_scalar("by_bytes/val_loss", values["val_loss"], int(values["cross_bytes"]))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+                if k in ("train/loss", "val/loss") and self.tokens_per_step:
+                    self.tb.add_scalar(f"by_tokens/{k.replace('/', '_')}", v, step * self.tokens_per_step)
 
     def comm_scalars(self, step: int, comm) -> None:
         """This rank's bytes sent and collective calls so far, per link class."""

@@ -21,17 +21,20 @@ from config import Config, ConfigError, check_world, load_config, to_yaml
 from data.corpus import DataError
 from data.dataset import Corpus, load_corpus
 from data.loader import ReplicaLoader, validation_batches
-from dist.comm import CROSS, Comm, GenerationLost
+from dist.comm import CROSS, LANE, Comm, GenerationLost
 from dist.generation import exit_process, start_generation
 from dist.groups import Groups, build_groups
-from dist.pipeline import eval_step, swap_route, train_step, train_step_routes
+from dist.lanes import LaneRunner, imbalance, lane_microbatches, plan_batch, segments
+from dist.pipeline import eval_step, run_rows, swap_route, train_step, train_step_routes
+from dist.sp_cost import SPCost
+from dist.sp_planner import PlanError
 from dist.routing import local_microbatches
 from dist.topology import Topology
 from metrics import RunLog, Throughput, warn
 from model.stages import Stage, build_stage
 from optim.clip import clip_global_grad_norm
 from optim.inner import build_optimizer, lr_at, set_lr
-from optim.sync import build_sync
+from optim.sync import build_lane_sync, build_sync
 from recovery import checkpoint, snapshot
 from recovery.checkpoint import CheckpointError
 from recovery.membership import CoordinatorLost, Member, MembershipError, RunFinished
@@ -104,8 +107,13 @@ class Worker:
     loader: ReplicaLoader
     comm: Comm
     member: Member | None = None
+    lane: int = 0  # this rank's lane of its stage (sequence parallelism)
     groups: Groups | None = None
     sync: object = None
+    wan: object = None  # this rank's hivemind peer, when sites exchange over it (sync.transport=hivemind)
+    lane_sync: object = None  # gradient averaging across the lanes of this stage (lanes > 1)
+    lane_runner: LaneRunner | None = None  # runs this lane's sequence shards, Ulysses attention in SP groups
+    sp_cost: SPCost | None = None  # the planner's cost model (lanes > 1)
     log: RunLog | None = None
     lr_scale: float = 1.0  # CheckFree raises it on a rebuilt stage
     grad_norm: float = 0.0  # this stage's own last gradient norm (CheckFree's weight)
@@ -119,12 +127,12 @@ class Worker:
     @property
     def rank(self) -> int:
         """This generation's rank (shifts while a replica sits out)."""
-        return self.topo.rank(self.replica, self.stage)
+        return self.topo.rank(self.replica, self.stage, self.lane)
 
     @property
     def grid_rank(self) -> int:
-        """The slot's place in the full replicas x stages grid: a stable name for logs and fault injection."""
-        return self.replica * self.topo.stages + self.stage
+        """The slot's place in the full replicas x stages x lanes grid: a stable name for logs and fault injection."""
+        return (self.replica * self.topo.stages + self.stage) * self.topo.lanes + self.lane
 
     @property
     def ckpt_root(self) -> str:
@@ -132,14 +140,15 @@ class Worker:
 
 
 def build_worker(cfg: Config, topo: Topology, replica: int, stage: int, device, corpus: Corpus,
-                 member: Member | None) -> Worker:
+                 member: Member | None, lane: int = 0) -> Worker:
     module = build_stage(model_config(cfg, corpus.vocab_size), stage, topo.stages, cfg.data.seq_len,
                          cfg.train.seed).to(device)
-    loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, replica, topo.replicas, cfg.train.batch_size)
+    shard = cfg.wan.site * topo.replicas + replica, cfg.wan.sites * topo.replicas  # site k reads like replica k
+    loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, *shard, cfg.train.batch_size)
     comm = Comm(member.abort if member else None)
     meter = Throughput(topo.replicas * cfg.train.batch_size * cfg.data.seq_len)
     return Worker(cfg, topo, replica, stage, device, corpus, module, build_optimizer(module, cfg.optim), loader, comm,
-                  member, meter=meter)
+                  member, lane, meter=meter)
 
 
 def connect(w: Worker) -> None:
@@ -148,20 +157,44 @@ def connect(w: Worker) -> None:
     w.groups = build_groups(w.topo, w.rank, cfg.parallel.timeout_s, replica_pairs=cfg.sync.method == "noloco",
                             routing=cfg.sync.routing, swap=cfg.recovery.swap)
     state = w.sync.state_dict() if w.sync else None
+    if cfg.sync.transport == "hivemind" and w.wan is None:
+        from optim.wan import join_sites  # imports hivemind: only runs that use it pay for that
+        w.wan = join_sites(cfg, w.module, w.stage, w.replica, w.topo.replicas, w.comm, w.grid_rank)
     w.sync = build_sync(cfg.sync, w.module, w.groups, w.comm, w.replica, len(w.topo.members), w.stage,
-                        cfg.train.seed, cfg.train.steps)
+                        cfg.train.seed, cfg.train.steps, w.wan)
     if state:
         w.sync.load_state_dict(state)
+    if w.topo.lanes > 1:
+        for p in w.module.parameters():  # a lane that got no sequence in a step still joins the gradient sync
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        w.lane_sync = build_lane_sync(cfg.sync, w.module, w.groups, w.comm, w.topo.lanes, w.stage, cfg.train.seed)
+        w.lane_runner = LaneRunner(w.groups.sp, dist.get_backend())
+        w.sp_cost = load_sp_cost(cfg.parallel.sp_cost)
+
+
+def load_sp_cost(path: str) -> SPCost:
+    """Rank 0 reads the SP cost model and every rank gets its copy, so all plan with the same numbers."""
+    box = [None]
+    if dist.get_rank() == 0:
+        box[0] = SPCost.load(path) if os.path.exists(path) else None
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise ConfigError(f"no SP cost model at parallel.sp_cost={path}: run `python bench/profile_sp.py --out {path}` "
+                          f"on this machine first (or point parallel.sp_cost at a fitted one)")
+    return box[0]
 
 
 def load_checkpoint(w: Worker, path: str, step: int) -> None:
-    extra = checkpoint.load(path, w.module, w.optimizer, (w.replica, w.stage))
+    extra = checkpoint.load(path, w.module, w.optimizer, (w.replica, w.stage, w.lane))
     w.committed = step
     w.loader.load_state_dict(extra.get("loader", {"step": step}))
     if "rng" in extra:
         torch.set_rng_state(extra["rng"])
     if extra.get("sync") is not None and extra.get("replicas") == w.topo.replicas:
         w.sync.load_state_dict(extra["sync"])  # else: fresh sync state (EF21's reset rule: a dense round)
+    if w.lane_sync and extra.get("lane_sync") is not None and extra.get("lanes") == w.topo.lanes:
+        w.lane_sync.load_state_dict(extra["lane_sync"])
     w.lr_scale, w.edge_copy = extra.get("lr_scale", 1.0), extra.get("edge_copy", {})
 
 
@@ -170,7 +203,8 @@ def open_log(w: Worker) -> None:
     if w.log:
         w.log.rollback(w.committed)
     else:
-        w.log = RunLog(w.cfg.log.run_dir, w.grid_rank, w.replica, w.stage, w.topo.stages, w.committed, w.cfg.log.tensorboard)
+        w.log = RunLog(w.cfg.log.run_dir, w.grid_rank, w.replica, w.stage, w.topo.stages, w.committed, w.cfg.log.tensorboard,
+                       tokens_per_step=w.meter.tokens_per_step, lane=w.lane)
 
 
 def announce(w: Worker, resumed_from: str | None) -> None:
@@ -181,7 +215,8 @@ def announce(w: Worker, resumed_from: str | None) -> None:
             fh.write(to_yaml(cfg))
     n_params = torch.tensor([float(sum(p.numel() for p in w.module.parameters()))])
     w.comm.all_reduce(n_params, w.groups.replica, "setup")
-    w.log.say(f"flotilla: {w.topo.replicas} replica(s) x {w.topo.stages} stage(s), {cfg.parallel.schedule} with "
+    lanes = f" x {w.topo.lanes} lanes (sp {cfg.parallel.sp})" if w.topo.lanes > 1 else ""
+    w.log.say(f"flotilla: {w.topo.replicas} replica(s) x {w.topo.stages} stage(s){lanes}, {cfg.parallel.schedule} with "
               f"{cfg.parallel.microbatches} micro-batches | sync {cfg.sync.method}"
               f"{'+' + cfg.sync.compress if cfg.sync.compress != 'none' else ''} | model {n_params.item() / 1e6:.2f}M "
               f"params | corpus {len(w.corpus.train)} train / {len(w.corpus.val)} val windows of {cfg.data.seq_len} "
@@ -190,24 +225,65 @@ def announce(w: Worker, resumed_from: str | None) -> None:
 
 
 def evaluate(w: Worker, batches) -> float:
-    """Mean validation token loss of this replica's model on the held-out batches (meaningful on the last stage)."""
+    """Mean validation token loss of this replica's model on the held-out batches (meaningful on the last stage;
+    with lanes, each lane evaluates every L-th batch along its own stages and the last stage's lanes add up)."""
     w.module.eval()
     loss_sum = sum(eval_step(w.module, [mb.to(w.device) for mb in b.split(w.cfg.parallel.microbatches)], w.replica,
-                             w.groups, w.comm) for b in batches)
+                             w.groups, w.comm) for b in batches[w.lane::w.topo.lanes])
     w.module.train()
+    if w.topo.lanes > 1 and w.module.last:
+        total = torch.tensor([loss_sum], dtype=torch.float64)
+        w.comm.all_reduce(total, w.groups.lanes, LANE)
+        loss_sum = float(total)
     return loss_sum / sum(b.n_tokens for b in batches)
 
 
 def save_checkpoint(w: Worker, done: int) -> str:
     extra = {"rng": torch.get_rng_state(), "loader": w.loader.state_dict(), "step": done, "sync": w.sync.state_dict(),
-             "replicas": w.topo.replicas, "lr_scale": w.lr_scale, "edge_copy": w.edge_copy}
+             "replicas": w.topo.replicas, "lr_scale": w.lr_scale, "edge_copy": w.edge_copy, "lanes": w.topo.lanes,
+             "lane_sync": w.lane_sync.state_dict() if w.lane_sync else None}
     try:
-        return checkpoint.save(w.ckpt_root, done, w.module, w.optimizer, extra, (w.replica, w.stage),
+        return checkpoint.save(w.ckpt_root, done, w.module, w.optimizer, extra, (w.replica, w.stage, w.lane),
                                w.cfg.checkpoint.keep, replicas_differ=w.cfg.sync.method != "ddp")
     except RuntimeError as err:  # a peer died during the save (DCP's transfers are not polled)
         if w.member is None or isinstance(err, CheckpointError):
             raise
         raise GenerationLost(f"checkpoint save failed: {str(err).splitlines()[0]}", True) from None
+
+
+@dataclass
+class StepWork:
+    """This rank's share of one step: micro-batches, their pipeline hops, how to run them, the SP plan."""
+    microbatches: list
+    hops: list[tuple[int, int]]
+    n_tokens: float  # each micro-batch's loss is divided by this
+    run: object = run_rows
+    plan: object = None
+
+
+def split_batch(w: Worker, batch, step: int) -> StepWork:
+    """Micro-batches of this replica's batch: rows split n ways (routed between replicas with sync.routing), or,
+    with lanes, this lane's shards of the batch's documents by the SP plan (losses scaled by L: lanes average)."""
+    cfg, topo = w.cfg, w.topo
+    if topo.lanes == 1:
+        microbatches, hops = local_microbatches(batch, w.loader, step, cfg.parallel.microbatches, w.replica, w.stage,
+                                                topo.replicas, topo.stages, cfg.train.seed, cfg.sync.routing)
+        return StepWork([mb.to(w.device) for mb in microbatches], hops, batch.n_tokens)
+    segs = segments(batch)
+    planned = plan_batch(segs, topo.lanes, cfg.parallel.sp, w.sp_cost,
+                         cfg.parallel.microbatches if cfg.parallel.microbatches > 1 else None)
+    microbatches = [mb.to(w.device) for mb in lane_microbatches(batch, segs, planned, w.lane)]
+    return StepWork(microbatches, [(w.replica, w.replica)] * len(microbatches), batch.n_tokens / topo.lanes,
+                    w.lane_runner, planned)
+
+
+def lanes_total(w: Worker, loss: float) -> float:
+    """The step's loss from the lanes' scaled parts (last stage; nan elsewhere)."""
+    if w.topo.lanes == 1 or not w.module.last:
+        return loss
+    total = torch.tensor([loss], dtype=torch.float64)
+    w.comm.all_reduce(total, w.groups.lanes, LANE)
+    return float(total) / w.topo.lanes
 
 
 def train(w: Worker) -> None:
@@ -219,17 +295,18 @@ def train(w: Worker) -> None:
     for step in range(w.committed, cfg.train.steps):
         t0 = time.perf_counter()
         batch = w.loader.next_batch()  # this replica's samples (the ledger)
-        microbatches, hops = local_microbatches(batch, w.loader, step, cfg.parallel.microbatches, w.replica, w.stage,
-                                                topo.replicas, topo.stages, cfg.train.seed, cfg.sync.routing)
-        microbatches = [mb.to(w.device) for mb in microbatches]
+        work = split_batch(w, batch, step)
         if cfg.recovery.swap:  # CheckFree+: some micro-batches run the edge stages' layers swapped
-            routes = [swap_route(topo.stages, step * len(microbatches) + i) for i in range(len(microbatches))]
-            loss = train_step_routes(module, microbatches, routes, w.groups, w.comm, w.stage, batch.n_tokens)
+            routes = [swap_route(topo.stages, step * len(work.microbatches) + i) for i in range(len(work.microbatches))]
+            loss = train_step_routes(module, work.microbatches, routes, w.groups, w.comm, w.stage, work.n_tokens)
         else:
-            loss = train_step(module, microbatches, hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
-                              topo.stages, batch.n_tokens)
+            loss = train_step(module, work.microbatches, work.hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
+                              topo.stages, work.n_tokens, work.run)
+        loss = lanes_total(w, loss)
         if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or w.grid_rank in cfg.fault.kill_ranks):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, before the update
+        if w.lane_sync:
+            w.lane_sync.before_update()  # the lanes of this stage first: then every lane holds the same gradient
         w.sync.before_update()
         grad_norm, w.grad_norm = clip_global_grad_norm(params, cfg.optim.grad_clip, w.groups.replica, w.comm,
                                                        topo.stages)
@@ -245,13 +322,15 @@ def train(w: Worker) -> None:
         if cfg.recovery.swap and done % cfg.recovery.edge_copy_every == 0:
             refresh_edge_copies(w, w.comm, topo.stages)
         w.committed, w.applied = done, False
-        meter.add(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        meter.add(seconds)
 
         # the step is committed: record it
         if synced:
             w.log.record_sync(done, synced, params, w.comm)
         w.log.record_samples(step, batch.sample_ids)
-        w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm)
+        w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm,
+                          **(log_plan(w, done, work.plan, seconds) if work.plan else {}))
         loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
         if done % cfg.log.log_every == 0 or done == cfg.train.steps:
             mean_loss = loss_sum_interval / steps_interval  # replica 0's: no cross-replica traffic for metrics
@@ -271,6 +350,18 @@ def train(w: Worker) -> None:
             w.log.say(f"step {done} | val loss {w.val_loss:.4f} | val ppl {math.exp(w.val_loss):.2f}")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             w.log.say(f"step {done} | checkpoint {save_checkpoint(w, done)}")
+
+
+def log_plan(w: Worker, done: int, planned, seconds: float) -> dict:
+    """The step's SP plan to TensorBoard (group sizes, predicted vs measured seconds, predicted imbalance);
+    returns the same for metrics.jsonl."""
+    sizes = [sorted((g.size for g in groups), reverse=True) for groups in planned.microbatches]
+    record = {"sp_groups": sizes, "sp_predicted_s": planned.predicted, "sp_measured_s": seconds,
+              "sp_imbalance": imbalance(planned, w.topo.lanes)}
+    w.log.scalars(done, {"sp/predicted_s": planned.predicted, "sp/measured_s": seconds,
+                         "sp/imbalance": record["sp_imbalance"], "sp/passes": len(sizes),
+                         "sp/groups": sum(map(len, sizes)) / len(sizes), "sp/largest_group": max(map(max, sizes))})
+    return record
 
 
 def finish(w: Worker) -> dict:
@@ -294,8 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
         return run_with_recovery(cfg)
     rank, world, device = init_processes(cfg)
     check_world(cfg, world)
-    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages)
-    w = build_worker(cfg, topo, *topo.slot(rank), device, load_corpus(cfg.data), None)
+    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages, lanes=cfg.parallel.lanes)
+    w = build_worker(cfg, topo, *topo.slot(rank), device, load_corpus(cfg.data), None, topo.lane(rank))
     connect(w)
     os.makedirs(cfg.log.run_dir, exist_ok=True)
     path, step = choose_checkpoint(w.ckpt_root, cfg.checkpoint.resume)
@@ -307,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
         w.log.event("resumed", step=step, checkpoint=path)
     train(w)
     summary = finish(w)
+    if w.wan:
+        w.wan.shutdown()
     dist.destroy_process_group()
     return summary
 
@@ -446,7 +539,7 @@ if __name__ == "__main__":
         main()
     except RunFinished:
         print("flotilla: the run finished before this spare worker was needed", flush=True)
-    except (ConfigError, DataError, CheckpointError, MembershipError) as err:
+    except (ConfigError, DataError, CheckpointError, MembershipError, PlanError) as err:
         if os.environ.get("RANK", "0") == "0" or isinstance(err, MembershipError):
             print(f"flotilla: error: {err}", file=sys.stderr, flush=True)
         exit_process(2)

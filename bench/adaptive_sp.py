@@ -4,15 +4,21 @@ For two length mixes - documents of the default corpus (this Python's standard l
 synthetic long tail (Pareto, shape 1.1) - and L = 4, 8, 16, 64 lanes, plans batches of 512 sequences and
 prints one JSON line per setting: predicted step seconds of the adaptive plan and of each static degree,
 the ratio of the best static to adaptive, and planner milliseconds for 64, 512 and 4096 sequences.
+At L = 4 it also measures: train.py on 4 real processes (1 replica x 1 stage x 4 lanes, gloo, Ulysses in
+groups > 1) with parallel.sp=adaptive and every static degree, on the same batches (windows of --seq-len
+tokens of that mix: the default corpus, or long-tail documents written to a temporary folder); mean
+measured seconds per step after warm-up, and the predicted seconds of the same plans.
 The cost model comes from `bench/profile_sp.py` (run it first on the machine of interest).
-Usage: python bench/adaptive_sp.py [--cost .cache/flotilla/sp_cost.json] [--seed 0]
+Usage: python bench/adaptive_sp.py [--cost .cache/flotilla/sp_cost.json] [--seed 0] [--steps 6] [--no-measure]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -23,6 +29,7 @@ sys.path.insert(0, ROOT)
 from data.corpus import list_files, read_documents  # noqa: E402
 from dist.sp_cost import SPCost  # noqa: E402
 from dist.sp_planner import plan, static_plan  # noqa: E402
+from metrics import read_jsonl  # noqa: E402
 
 
 def corpus_lengths() -> np.ndarray:
@@ -36,14 +43,55 @@ def draw(mix: str, n: int, longest: int, rng: np.random.Generator, pool: np.ndar
     return [int(x) for x in np.clip(raw, 16, longest)]
 
 
+def longtail_docs(folder: str, n: int, longest: int, rng: np.random.Generator) -> None:
+    """n text documents with Pareto(1.1) lengths (x 256 bytes, at most `longest`)."""
+    words = np.array("the lane stage plan group token sequence replica pipeline attention".split())
+    for i, size in enumerate(np.clip((rng.pareto(1.1, n) + 1) * 256, 16, longest).astype(int)):
+        text = " ".join(rng.choice(words, size // 5 + 1))[:size]
+        with open(os.path.join(folder, f"doc{i:05d}.txt"), "w") as fh:
+            fh.write(text)
+
+
+def measure(mix: str, cost_path: str, steps: int, seq_len: int, seed: int) -> dict:
+    """Seconds per step of train.py on 4 lanes for adaptive and each static degree (mean after 2 warm-up steps)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ["data.source=stdlib"]
+        if mix == "longtail":
+            os.makedirs(os.path.join(tmp, "docs"))
+            longtail_docs(os.path.join(tmp, "docs"), 2000, 4 * seq_len, np.random.default_rng(seed))
+            data = ["data.source=path", f"data.path={os.path.join(tmp, 'docs')}", f"data.cache_dir={tmp}/cache"]
+        for mode in ("adaptive", "static:1", "static:2", "static:4"):
+            run_dir = os.path.join(tmp, mode.replace(":", ""))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                   os.path.join(ROOT, "train.py"), "parallel.replicas=1", "parallel.stages=1", "parallel.lanes=4",
+                   "parallel.microbatches=1", f"parallel.sp={mode}", f"parallel.sp_cost={cost_path}",
+                   f"data.seq_len={seq_len}", "train.batch_size=4", f"train.steps={steps}", "train.threads=1",
+                   "checkpoint.every=0", "log.eval_every=0", f"log.log_every={steps}", "log.tensorboard=false",
+                   f"log.run_dir={run_dir}", *data]
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                                  text=True)
+            if proc.returncode:
+                sys.exit(f"adaptive_sp: {mode} failed:\n{proc.stderr[-3000:]}")
+            records = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "sp_measured_s" in r][2:]
+            out[mode] = {"measured_s": round(float(np.mean([r["sp_measured_s"] for r in records])), 4),
+                         "predicted_s": round(float(np.mean([r["sp_predicted_s"] for r in records])), 4)}
+    best = min(v["measured_s"] for k, v in out.items() if k != "adaptive")
+    return {"runs": out, "steps_timed": steps - 2, "seq_len": seq_len, "batch_size": 4,
+            "best_static_over_adaptive": round(best / out["adaptive"]["measured_s"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cost", default=os.path.join(ROOT, ".cache", "flotilla", "sp_cost.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--no-measure", action="store_true", help="predictions only (no training processes)")
     args = ap.parse_args()
     if not os.path.exists(args.cost):
         sys.exit(f"adaptive_sp: no cost model at {args.cost}: run python bench/profile_sp.py first")
-    cost = SPCost.load(args.cost)
+    cost = SPCost.load(args.cost).analytic()  # predictions for any L: the analytic model (groups measured only to L)
     pool = corpus_lengths()
     for mix in ("corpus", "longtail"):
         for lanes in (4, 8, 16, 64):
@@ -68,7 +116,9 @@ def main() -> None:
                               "group_sizes": sorted({g.size for mb in adaptive.microbatches for g in mb}),
                               "static_s": {d: round(t, 4) for d, t in statics.items()},
                               "best_static_over_adaptive": round(best / adaptive.predicted, 3),
-                              "planner_ms": planner_ms, "measured_step": None}), flush=True)
+                              "planner_ms": planner_ms,
+                              "measured_step": measure(mix, args.cost, args.steps, args.seq_len, args.seed)
+                              if lanes == 4 and not args.no_measure else None}), flush=True)
 
 
 if __name__ == "__main__":

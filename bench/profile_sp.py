@@ -2,13 +2,18 @@
 
 Compute: forward + backward of the default config's stage layers on one lane for several sequence
 lengths (least squares on s^2 and s). Communication: gloo all_to_all_single between 2 real processes for
-several sizes (bandwidth through the origin). Writes the fitted model as JSON and prints one JSON line.
-Usage: python bench/profile_sp.py [--out .cache/flotilla/sp_cost.json] [--tokens-per-lane 4096]
+several sizes (start-up time and bandwidth). Groups as they run (--lanes L > 1): L real processes, for every
+group size d <= L all L / d groups at once each run forward + backward of the layers on one sequence (Ulysses
+attention across the group), timed from a barrier to a barrier, and a s^2 + b s + c is fitted per d: the
+trainer's planner uses these. Writes the fitted model as JSON and prints one JSON line.
+Usage: python bench/profile_sp.py [--out .cache/flotilla/sp_cost.json] [--tokens-per-lane 4096] [--lanes 4]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
-from dist.sp_cost import fit  # noqa: E402
+from dist.groups import sp_ranges  # noqa: E402
+from dist.sp_cost import fit, fit_measured  # noqa: E402
 from model.llama import Block, document_mask, rope_tables  # noqa: E402
 from train import model_config  # noqa: E402
 
@@ -68,31 +74,87 @@ def alltoall_worker(out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def groups_worker(out_path: str, lengths: list[int], repeats: int = 3) -> None:
+    """One of L lanes: every group size d, every length, all groups busy at once; rank 0 writes the timings."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from dist.sp_attention import sp_attention, ulysses
+    dist.init_process_group("gloo")
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, lanes = dist.get_rank(), dist.get_world_size()
+    groups = {key: dist.new_group(list(range(key[0], key[0] + key[1]))) for key in sp_ranges(lanes)}
+    cfg = model_config(load_config([]), 257)
+    layers = [Block(cfg) for _ in range(cfg.n_layers)]
+    runs = {}
+    for d in (1 << i for i in range(lanes.bit_length()) if 1 << i <= lanes):
+        attn = ulysses(groups[rank // d * d, d]) if d > 1 else None
+        attend = (lambda q, k, v, m: sp_attention(attn, q, k, v, m)) if attn else None
+        runs[d] = []
+        for s in lengths:
+            c = math.ceil(s / d)
+            cos, sin = rope_tables(cfg.dim // cfg.n_heads, c * d, cfg.rope_theta)
+            part = slice((rank % d) * c, (rank % d + 1) * c)
+            cos, sin = cos[part][None, None], sin[part][None, None]
+            mask = document_mask(torch.zeros(1, c * d, dtype=torch.long))
+            best = float("inf")
+            for _ in range(repeats):
+                x = torch.randn(1, c, cfg.dim, requires_grad=True)
+                dist.barrier()
+                t0 = time.perf_counter()
+                h = x
+                for layer in layers:
+                    h = layer(h, cos, sin, mask, attend)
+                h.sum().backward()
+                dist.barrier()
+                best = min(best, time.perf_counter() - t0)
+            runs[d].append((s, best))
+    if rank == 0:
+        with open(out_path, "w") as fh:
+            json.dump(runs, fh)
+    dist.destroy_process_group()
+
+
+def run_workers(nproc: int, flag: str, path: str) -> None:
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    os.path.abspath(__file__), flag, path], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache", "flotilla", "sp_cost.json"))
     ap.add_argument("--tokens-per-lane", type=int, default=4096)
+    ap.add_argument("--lanes", type=int, default=4, help="time groups of every size on this many processes (1: skip)")
     ap.add_argument("--alltoall-worker", default="")
+    ap.add_argument("--groups-worker", default="")
     args = ap.parse_args()
+    lengths = [128, 256, 512, 1024, 2048]
     if args.alltoall_worker:
         alltoall_worker(args.alltoall_worker)
         return
+    if args.groups_worker:
+        groups_worker(args.groups_worker, lengths)
+        return
     torch.set_num_threads(1)
-    compute = time_compute([128, 256, 512, 1024, 2048])
+    compute = time_compute(lengths)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "a2a.json")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        os.path.abspath(__file__), "--alltoall-worker", path], check=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-        with open(path) as fh:
+        run_workers(2, "--alltoall-worker", os.path.join(tmp, "a2a.json"))
+        with open(os.path.join(tmp, "a2a.json")) as fh:
             alltoall = [tuple(x) for x in json.load(fh)]
+        runs = {}
+        if args.lanes > 1:
+            run_workers(args.lanes, "--groups-worker", os.path.join(tmp, "groups.json"))
+            with open(os.path.join(tmp, "groups.json")) as fh:
+                runs = {int(d): [tuple(x) for x in pts] for d, pts in json.load(fh).items()}
     cfg = model_config(load_config([]), 257)
     bytes_per_token = 4 * 2 * cfg.n_layers * cfg.dim * 4  # q, k, v, out; forward + backward; fp32
     cost = fit(compute, alltoall, bytes_per_token, args.tokens_per_lane, alltoalls_per_sequence=4 * 2 * cfg.n_layers)
+    cost = dataclasses.replace(cost, measured=fit_measured(runs) if runs else None)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cost.save(args.out)
-    print(json.dumps({"bench": "profile_sp", "out": args.out, **cost.__dict__,
-                      "compute": compute, "alltoall": alltoall}), flush=True)
+    print(json.dumps({"bench": "profile_sp", "out": args.out, **cost.__dict__, "lanes": args.lanes,
+                      "compute": compute, "alltoall": alltoall, "groups": runs}), flush=True)
 
 
 if __name__ == "__main__":

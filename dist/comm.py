@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 INTRA = "intra_replica"  # between stages of one replica (activations, gradients of activations)
 CROSS = "cross_replica"  # between replicas of one stage (gradient / weight sync)
+LANE = "intra_stage"  # between lanes of one stage (sequence-parallel all-to-alls are not counted; gradient sync)
 
 
 class GenerationLost(RuntimeError):
@@ -73,6 +74,11 @@ class Comm:
                 self.recv(theirs, pair, src)
         return theirs
 
+    def count(self, link: str, nbytes: float) -> None:
+        """A collective made outside torch.distributed (hivemind's averaging across sites), counted like the others."""
+        self.bytes_sent[link] += nbytes
+        self.calls[link] += 1
+
     def _issue(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -99,4 +105,7 @@ class Comm:
             raise GenerationLost(str(err).splitlines()[0], True) from None
 
     def totals(self) -> dict[str, float]:
-        return {INTRA: self.bytes_sent[INTRA], CROSS: self.bytes_sent[CROSS]}
+        out = {INTRA: self.bytes_sent[INTRA], CROSS: self.bytes_sent[CROSS]}
+        if LANE in self.bytes_sent:
+            out[LANE] = self.bytes_sent[LANE]
+        return out

@@ -10,6 +10,12 @@ from dist.comm import CROSS, INTRA
 from dist.topology import Topology
 
 
+def sp_ranges(lanes: int) -> list[tuple[int, int]]:
+    """Every aligned lane range (start, size) an SP group of size >= 2 can sit on (the planner's placements)."""
+    return [(start, size) for size in (1 << i for i in range(1, lanes.bit_length())) if size <= lanes
+            for start in range(0, lanes - size + 1, size)]
+
+
 @dataclass
 class Link:
     """A 2-rank group to one peer (a pipeline neighbour for one direction of traffic, or a replica)."""
@@ -33,6 +39,8 @@ class Groups:
     prev: dict[int, NeighbourLinks]  # replica -> links to its previous stage
     replica_pairs: dict[int, Link]  # other replica -> 2-rank group with its copy of this stage (NoLoCo)
     near: dict[int, Link]  # stage -> 2-rank group with that stage of this replica, 1 or 2 stages away (CheckFree+)
+    lanes: object = None  # every lane of this stage of this replica (gradient sync); None with one lane
+    sp: dict[tuple[int, int], object] = None  # (start lane, size) -> SP group of this stage's lanes holding this lane
 
 
 def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: bool = False,
@@ -42,36 +50,53 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
     replica_pairs: also a 2-rank group between every two replicas of each stage (NoLoCo's exchange).
     routing: links from every replica's stage s to every replica's stage s + 1 (random routing).
     swap: links between stages one or two apart in each replica (CheckFree+'s swapped micro-batches).
+    With lanes, every group above exists once per lane (lane i of stage s talks to lane i of stage s + 1),
+    plus the lanes of each stage, and an SP group for every aligned lane range, created once here.
     """
     timeout = timedelta(seconds=timeout_s)
     replica, stage = topo.slot(rank)
-    mine: dict = {"next": {}, "prev": {}}
+    lane, lanes = topo.lane(rank), range(topo.lanes)
+    mine: dict = {"next": {}, "prev": {}, "lanes": None, "sp": {}}
     for s in range(topo.stages):
-        g = dist.new_group(topo.stage_ranks(s), timeout=timeout)
-        if s == stage:
-            mine["stage"] = g
+        for ln in lanes:
+            g = dist.new_group(topo.stage_ranks(s, ln), timeout=timeout)
+            if (s, ln) == (stage, lane):
+                mine["stage"] = g
     for r in topo.members:
-        g = dist.new_group(topo.replica_ranks(r), timeout=timeout)
-        if r == replica:
-            mine["replica"] = g
+        for ln in lanes:
+            g = dist.new_group(topo.replica_ranks(r, ln), timeout=timeout)
+            if (r, ln) == (replica, lane):
+                mine["replica"] = g
     for s in range(topo.stages - 1):
         for ra in topo.members:
             for rb in topo.members if routing else (ra,):
-                a, b = topo.rank(ra, s), topo.rank(rb, s + 1)
-                fwd, bwd = dist.new_group([a, b], timeout=timeout), dist.new_group([a, b], timeout=timeout)
-                kind = INTRA if ra == rb else CROSS
-                if rank == a:
-                    mine["next"][rb] = NeighbourLinks(Link(fwd, b, kind), Link(bwd, b, kind))
-                if rank == b:
-                    mine["prev"][ra] = NeighbourLinks(Link(fwd, a, kind), Link(bwd, a, kind))
+                for ln in lanes:
+                    a, b = topo.rank(ra, s, ln), topo.rank(rb, s + 1, ln)
+                    fwd, bwd = dist.new_group([a, b], timeout=timeout), dist.new_group([a, b], timeout=timeout)
+                    kind = INTRA if ra == rb else CROSS
+                    if rank == a:
+                        mine["next"][rb] = NeighbourLinks(Link(fwd, b, kind), Link(bwd, b, kind))
+                    if rank == b:
+                        mine["prev"][ra] = NeighbourLinks(Link(fwd, a, kind), Link(bwd, a, kind))
+    for r in topo.members if topo.lanes > 1 else ():
+        for s in range(topo.stages):
+            ranks = topo.lane_ranks(r, s)
+            g = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine["lanes"] = g
+            for start, size in sp_ranges(topo.lanes):
+                g = dist.new_group(ranks[start:start + size], timeout=timeout)
+                if rank in ranks[start:start + size]:
+                    mine["sp"][start, size] = g
     pairs = {}
     for s in range(topo.stages) if replica_pairs else ():
         for a in topo.members:
             for b in (b for b in topo.members if b > a):
-                ra, rb = topo.rank(a, s), topo.rank(b, s)
-                g = dist.new_group([ra, rb], timeout=timeout)
-                if rank in (ra, rb):
-                    pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra, CROSS)
+                for ln in lanes:
+                    ra, rb = topo.rank(a, s, ln), topo.rank(b, s, ln)
+                    g = dist.new_group([ra, rb], timeout=timeout)
+                    if rank in (ra, rb):
+                        pairs[b if rank == ra else a] = Link(g, rb if rank == ra else ra, CROSS)
     near = {}
     for r in topo.members if swap else ():
         for a in range(topo.stages):
@@ -80,4 +105,4 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
                 g = dist.new_group([ra, rb], timeout=timeout)
                 if rank in (ra, rb):
                     near[b if rank == ra else a] = Link(g, rb if rank == ra else ra, INTRA)
-    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs, near)
+    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs, near, mine["lanes"], mine["sp"])

@@ -30,19 +30,27 @@ def _activation(mb: Batch, dim: int) -> torch.Tensor:
     return torch.empty(*mb.inputs.shape, dim, device=mb.inputs.device)
 
 
-def train_step(module: Stage, microbatches: list[Batch], hops: list[tuple[int, int]], groups: Groups, comm: Comm,
-               kind: str, stage: int, stages: int, n_tokens: int) -> float:
+def run_rows(module: Stage, x: torch.Tensor, mb: Batch) -> torch.Tensor:
+    """A stage on whole windows (rows of documents packed with document masks)."""
+    return module(x, module.prepare(mb.doc_ids))
+
+
+def train_step(module: Stage, microbatches: list, hops: list[tuple[int, int]], groups: Groups, comm: Comm,
+               kind: str, stage: int, stages: int, n_tokens: float, run=run_rows) -> float:
     """Forward and backward of every micro-batch; leaves gradients in `module`.
 
     hops[i] = (replica of the previous stage, replica of the next stage) for micro-batch i: this replica
     for plain pipelines, others under random routing. Returns the summed micro-batch losses on the last
     stage (nan elsewhere); each is divided by the whole batch's token count, so gradients equal those of
-    the full batch at once.
+    the full batch at once. `run(module, x, mb)` runs the stage on a micro-batch (a lane's sequence shards
+    under sequence parallelism: dist/lanes.py); an empty micro-batch (no tokens on this lane) is skipped.
     """
     pending, saved = [], {}
     loss = torch.zeros((), device=microbatches[0].inputs.device)
     for op, i in schedule(kind, stage, stages, len(microbatches)):
         mb, (prev_r, next_r) = microbatches[i], hops[i]
+        if mb.inputs.numel() == 0:
+            continue
         if op == "F":
             if module.first:
                 x = mb.inputs
@@ -50,7 +58,7 @@ def train_step(module: Stage, microbatches: list[Batch], hops: list[tuple[int, i
                 link = groups.prev[prev_r].fwd
                 x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer)
                 x.requires_grad_(True)
-            out = module(x, module.prepare(mb.doc_ids))
+            out = run(module, x, mb)
             if module.last:
                 out = token_loss_sum(out, mb.targets) / n_tokens
                 loss += out.detach()

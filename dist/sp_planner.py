@@ -22,6 +22,9 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from dist.sp_cost import SPCost
 
 
+GOOD_ENOUGH = 0.01  # stop trying more passes once a plan is within 1% of the lower bound
+
+
 class PlanError(ValueError):
     """A batch that cannot be planned, described in one line with the fix."""
 
@@ -60,11 +63,11 @@ def tilings(lanes: int, largest: int | None = None) -> tuple[tuple[int, ...], ..
     return tuple(out)
 
 
-def static_plan(lengths: list[int], lanes: int, degree: int, cost: SPCost) -> Plan:
+def static_plan(lengths: list[int], lanes: int, degree: int, cost: SPCost, passes: int | None = None) -> Plan:
     """Every group of one size (the baseline): lanes / degree groups, sequences packed greedily."""
     if lanes % degree:
         raise PlanError(f"static SP degree {degree} does not divide {lanes} lanes")
-    return _plan_passes(lengths, lanes, cost, tiling_choices=lambda: [(degree,) * (lanes // degree)])
+    return _plan_passes(lengths, lanes, cost, tiling_choices=lambda: [(degree,) * (lanes // degree)], passes=passes)
 
 
 def plan(lengths: list[int], lanes: int, cost: SPCost, time_limit_s: float = 0.0, candidates: int = 3,
@@ -88,12 +91,16 @@ def _plan_passes(lengths, lanes, cost, tiling_choices, time_limit_s=0.0, candida
     order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
     first = passes or max(1, math.ceil(sum(lengths) / capacity))
     best = None
+    full = PassTable.build(list(range(len(lengths))), lengths, lanes, cost)  # every sequence on every degree, once
+    floor = full.area_bound(lanes)
     for m in (first,) if passes else (first, first + 1, first + 2):
+        if best is not None and best.predicted <= floor * (1 + GOOD_ENOUGH):
+            break  # more passes could gain at most GOOD_ENOUGH: the plan is within it of the lane-seconds bound
         planned = []
         todo = _chunks(order, lengths, m)[::-1]
         while todo:
             chunk = todo.pop()
-            done = _plan_pass(chunk, lengths, lanes, cost, tiling_choices(), time_limit_s, candidates, exact)
+            done = _plan_pass(full.subset(chunk), lanes, cost, tiling_choices(), time_limit_s, candidates, exact)
             if done:
                 planned.append(done)
             elif len(chunk) > 1 and not passes:  # does not fit in memory: halve it (tokens), keep the order
@@ -107,7 +114,7 @@ def _plan_passes(lengths, lanes, cost, tiling_choices, time_limit_s=0.0, candida
                 best = Plan(tuple(g for _, g, _ in planned), total, solver)
     if best is None:
         raise PlanError(f"the batch ({len(lengths)} sequences, {sum(lengths)} tokens) could not be split into "
-                        f"{passes} pass(es) that fit {lanes} lanes of {cost.tokens_per_lane} tokens: allow more")
+                        f"{passes or 'a few'} pass(es) that fit {lanes} lanes of {cost.tokens_per_lane} tokens: allow more")
     return best
 
 
@@ -125,32 +132,36 @@ def _chunks(order: list[int], lengths: list[int], m: int) -> list[list[int]]:
 
 
 @lru_cache(maxsize=None)
-def _tiling_table(lanes: int) -> dict:
-    """The tilings of `lanes` grouped by their set of degrees, with each tiling's lanes in groups >= d per degree."""
-    by_set: dict = {}
-    for sizes in tilings(lanes):
-        degrees = tuple(sorted(set(sizes)))
-        by_set.setdefault(degrees, []).append(sizes)
-    return {degrees: (ts, np.array([[sum(x for x in t if x >= d) for d in degrees] for t in ts], dtype=float))
-            for degrees, ts in by_set.items()}
+def _tiling_arrays(lanes: int):
+    """For every tiling of `lanes` (in lexicographic order): its set of degrees (an index into `member`, which
+    marks each set's degrees) and, per degree d, the lanes in its groups of size >= d."""
+    ts = sorted(tilings(lanes))
+    degrees = [1 << i for i in range(lanes.bit_length()) if 1 << i <= lanes]
+    sets = sorted({tuple(sorted(set(t))) for t in ts})
+    index = {st: i for i, st in enumerate(sets)}
+    set_of = np.array([index[tuple(sorted(set(t)))] for t in ts])
+    member = np.array([[d in st for d in degrees] for st in sets])
+    lanes_ge = np.array([[sum(x for x in t if x >= d) for d in degrees] for t in ts], dtype=float)
+    return ts, set_of, member, lanes_ge
 
 
 def _rank(table: "PassTable", lanes: int) -> list[tuple[int, ...]]:
     """Tilings of `lanes`, most promising first, by a lower bound on the makespan: the slowest sequence on the
     largest group it may use, and for every degree d the lane-seconds of the sequences that need >= d lanes
-    spread over the lanes of groups >= d (the sequence sums depend only on the tiling's set of degrees)."""
-    scored = []
-    for degrees, (ts, lanes_at_least) in _tiling_table(lanes).items():
-        idx = [table.degrees.index(d) for d in degrees]
-        times = table.times[idx]
-        cheapest = times.min(axis=0)
-        if not np.isfinite(cheapest).all():
-            continue
-        area = (times * np.array(degrees, dtype=float)[:, None]).min(axis=0)
-        work = np.array([area[table.legal >= d].sum() for d in degrees])
-        bound = np.maximum(cheapest.max(), (work[None, :] / lanes_at_least).max(axis=1))
-        scored += [(float(b), t) for b, t in zip(bound, ts)]
-    return [t for _, t in sorted(scored)]
+    spread over the lanes of groups >= d (the sequence sums depend only on the tiling's set of degrees).
+    Ties keep the tilings' lexicographic order."""
+    ts, set_of, member, lanes_ge = _tiling_arrays(lanes)
+    deg = np.array(table.degrees, dtype=float)
+    masked = np.where(member[:, :, None], table.times[None], np.inf)  # (sets, degrees, sequences)
+    cheapest = masked.min(axis=1)
+    usable = np.isfinite(cheapest).all(axis=1)  # every sequence has a legal degree in the set
+    area = (masked * deg[None, :, None]).min(axis=1)
+    area[~usable] = 0.0
+    work = area @ (table.legal[:, None] >= deg[None, :]).astype(float)  # (sets, degrees)
+    spread = np.where(member[set_of], work[set_of] / np.where(member[set_of], lanes_ge, 1.0), 0.0).max(axis=1)
+    bound = np.maximum(np.where(usable[:, None], cheapest, 0.0).max(axis=1)[set_of], spread)
+    keep = np.flatnonzero(usable[set_of])
+    return [ts[i] for i in keep[np.argsort(bound[keep], kind="stable")]]
 
 
 @dataclass
@@ -169,6 +180,15 @@ class PassTable:
         legal = np.array([cost.min_degree(lengths[k]) for k in seqs])
         times = np.stack([np.where(legal <= d, cost.time(lens, d), np.inf) for d in degrees])
         return PassTable(seqs, [lengths[k] for k in seqs], degrees, times, legal)
+
+    def subset(self, seqs: list[int]) -> "PassTable":
+        """The table of some of the batch's sequences (this table must hold the whole batch in order)."""
+        return PassTable(seqs, [self.lengths[k] for k in seqs], self.degrees, self.times[:, seqs], self.legal[seqs])
+
+    def area_bound(self, lanes: int) -> float:
+        """No plan is faster than every sequence's cheapest lane-seconds spread evenly over the lanes."""
+        area = (self.times * np.array(self.degrees, dtype=float)[:, None]).min(axis=0)
+        return float(area.sum()) / lanes
 
 
 def _greedy(table: PassTable, sizes: tuple[int, ...], cost: SPCost):
@@ -215,9 +235,18 @@ def _groups(sizes: tuple[int, ...], members: list[list[int]], table: PassTable) 
     return tuple(out)
 
 
-def _plan_pass(seqs, lengths, lanes, cost, choices, time_limit_s, candidates, exact):
+def _plan_pass(table: "PassTable", lanes, cost, choices, time_limit_s, candidates, exact):
     """(makespan, groups, solver) for one micro-batch, or None if it cannot fit."""
-    table = PassTable.build(seqs, lengths, lanes, cost)
+    if len(table.seqs) == 1 and choices is None:  # adaptive, one sequence: its fastest legal group (optimal)
+        i = int(np.argmin(table.times[:, 0]))
+        if not np.isfinite(table.times[i, 0]):
+            return None
+        d = table.degrees[i]
+        sizes = tuple(sorted((d, *(1 << k for k in range((lanes - d).bit_length()) if (lanes - d) >> k & 1)),
+                             reverse=True))
+        members = [[] for _ in sizes]
+        members[sizes.index(d)] = [0]
+        return float(table.times[i, 0]), _groups(sizes, members, table), "greedy"
     if exact:
         found = [r for r in (_exact(table, sizes, cost) for sizes in choices) if r]
         if not found:

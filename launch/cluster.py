@@ -19,6 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_cmd(*overrides: str) -> list[str]:
+    """A recovery-mode worker: a plain `python train.py` (its rank comes from the coordinator, not torchrun)."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), *overrides]
+
+
 class Cluster:
     """One run: `start()` the coordinator, `worker()` as many times as needed (the same command for replacements)."""
 
@@ -57,7 +62,7 @@ class Cluster:
     def worker(self, *extra: str, secret: str | None = None) -> subprocess.Popen:
         i = len(self.workers)
         log = open(os.path.join(self.run_dir, f"worker{i}.log"), "w")
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *self.overrides, *extra], cwd=ROOT,
+        proc = subprocess.Popen(worker_cmd(*self.overrides, *extra), cwd=ROOT,
                                 env=self.env(secret), stdout=log, stderr=subprocess.STDOUT)
         proc.log_path = log.name
         self.workers.append(proc)

@@ -39,14 +39,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, attend=None):
+        """attend: None (local attention), or a sequence-parallel attention taking this device's slice of the
+        sequence as (t, b, heads, head_dim) q, k, v and the whole sequence's mask (KV heads repeated to all heads)."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        if attend is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = y.transpose(1, 2)
+        else:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = attend(*(z.permute(2, 0, 1, 3) for z in (q, k, v)), mask).permute(1, 0, 2, 3)
+        return self.wo(y.reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
@@ -69,8 +77,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, attend=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, attend)
         return x + self.ffn(self.ffn_norm(x))
 
 

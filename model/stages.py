@@ -29,6 +29,7 @@ class StageInputs:
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor
+    attend: object = None  # sequence-parallel attention over the lanes sharing this sequence (None: local)
 
 
 class Stage(nn.Module):
@@ -49,6 +50,13 @@ class Stage(nn.Module):
         pos = document_positions(doc_ids)
         return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], document_mask(doc_ids))
 
+    def prepare_shard(self, positions: torch.Tensor, length: int, attend) -> StageInputs:
+        """Inputs for one lane's slice of a single sequence (`positions`: its tokens' places in the sequence,
+        (1, t)) whose whole padded length is `length`: causal mask over all of it (sequence-parallel)."""
+        pos = positions.clamp(max=self.rope_cos.shape[0] - 1)  # padding past the last table row: never attended to
+        causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()[None, None]
+        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], causal, attend)
+
     def forward(self, x: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
         return self.forward_parts(x, inputs, ("E" if self.first else "") + "L" + ("H" if self.last else ""))
@@ -58,7 +66,7 @@ class Stage(nn.Module):
         h = self.embed(x) if "E" in parts else x
         if "L" in parts:
             for layer in self.layers.values():
-                h = layer(h, inputs.cos, inputs.sin, inputs.mask)
+                h = layer(h, inputs.cos, inputs.sin, inputs.mask, inputs.attend)
         return self.head(self.norm(h)) if "H" in parts else h
 
 

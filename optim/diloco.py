@@ -4,7 +4,8 @@
   m <- mu m + Delta ;  theta <- theta - lr (Delta + mu m)      (Nesterov, as torch.optim.SGD)
 Streaming mode syncs the stage in P fragments (layer l in fragment l mod P) on a staggered schedule,
 fragment f at steps f H / P + k H, so no single sync moves the whole stage. The pseudo-gradient can
-travel in bf16 / int8 / int4 (fp32 accumulation) or through EF21 error feedback.
+travel in bf16 / int8 / int4 (fp32 accumulation) or through EF21 error feedback; or, between sites, over
+hivemind (a `transport`: optim/wan.py).
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def nesterov_step(anchor: torch.Tensor, momentum: torch.Tensor, delta: torch.Ten
 class DiLoCo:
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], H: int, lr: float, mu: float,
                  nesterov: bool, fragments: int, precision: str, ef: list[ErrorFeedback] | None, comm, group, link: str,
-                 n: int):
+                 n: int, transport=None):
         self.H, self.lr, self.mu, self.nesterov, self.precision = H, lr, mu, nesterov, precision
-        self.comm, self.group, self.link, self.n = comm, group, link, n
+        self.comm, self.group, self.link, self.n, self.transport = comm, group, link, n, transport
         self.P = max(1, fragments)
         self.params = [p for _, p in named_params]
         self.members = [[i for i, (name, _) in enumerate(named_params) if fragment_of(name, self.P) == f]
@@ -60,8 +61,12 @@ class DiLoCo:
             idx = self.members[f]
             anchors, moms = [self.anchor[i] for i in idx], [self.momentum[i] for i in idx]
             delta = _flatten_dense_tensors([self.anchor[i] - self.params[i].detach().float() for i in idx])
-            avg = self.ef[f].aggregate(delta) if self.ef else mean_over_group(delta, self.precision, self.comm, self.group,
-                                                                   self.link, self.n)
+            if self.ef:
+                avg = self.ef[f].aggregate(delta)
+            elif self.transport:
+                avg = self.transport.mean(delta, done)
+            else:
+                avg = mean_over_group(delta, self.precision, self.comm, self.group, self.link, self.n)
             for a, m, d in zip(anchors, moms, _unflatten_dense_tensors(avg, anchors)):
                 nesterov_step(a, m, d, self.lr, self.mu, self.nesterov)
             for i in idx:

@@ -5,7 +5,9 @@ state is never averaged or reset). With Delta = theta - phi and means over the p
   delta_i <- alpha delta_i + beta mean(Delta) - gamma (phi_i - mean(phi))
   phi_i   <- phi_i + delta_i ;  theta_i <- phi_i
 Pairs come from a permutation seeded by (seed, outer step), so every rank agrees without talking;
-with an odd replica count one replica sits out the round (its means are its own values).
+with an odd replica count one replica sits out the round (its means are its own values). Between sites
+(a hivemind `transport`, optim/wan.py) the pairs are whichever two peers meet first, and the transport
+returns the pair means directly.
 """
 from __future__ import annotations
 
@@ -44,16 +46,23 @@ def noloco_update(phi: torch.Tensor, delta: torch.Tensor, theta: torch.Tensor, p
     Delta = theta - phi
     mean_Delta = Delta if peer_Delta is None else (Delta + peer_Delta) / 2
     mean_phi = phi if peer_phi is None else (phi + peer_phi) / 2
+    noloco_step(phi, delta, mean_phi, mean_Delta, alpha, beta, gamma)
+
+
+def noloco_step(phi: torch.Tensor, delta: torch.Tensor, mean_phi: torch.Tensor, mean_Delta: torch.Tensor,
+                alpha: float, beta: float, gamma: float) -> None:
+    """In place on phi and delta: the outer step given the pair means of phi and Delta."""
     delta.mul_(alpha).add_(mean_Delta, alpha=beta).sub_(phi - mean_phi, alpha=gamma)
     phi.add_(delta)
 
 
 class NoLoCo:
     def __init__(self, params: list[torch.nn.Parameter], H: int, alpha: float, beta: float, gamma: float,
-                 replica: int, replicas: int, seed: int, comm, pair_links: dict):
+                 replica: int, replicas: int, seed: int, comm, pair_links: dict, transport=None):
         check_bounds(alpha, beta, gamma)
         self.params, self.H, self.alpha, self.beta, self.gamma = params, H, alpha, beta, gamma
         self.replica, self.replicas, self.seed, self.comm, self.pair_links = replica, replicas, seed, comm, pair_links
+        self.transport = transport
         self.phi = _flatten_dense_tensors([p.detach().float() for p in params]).clone()
         self.delta = torch.zeros_like(self.phi)
 
@@ -61,14 +70,19 @@ class NoLoCo:
     def after_update(self, done: int) -> list[int]:
         if done % self.H:
             return []
-        peer = partners(self.replicas, self.seed, done // self.H)[self.replica]
         theta = _flatten_dense_tensors([p.detach().float() for p in self.params])
-        peer_phi = peer_Delta = None
-        if peer is not None:
-            link = self.pair_links[peer]
-            theirs = self.comm.exchange(torch.cat([self.phi, theta - self.phi]), link.group, link.peer, link.kind)
-            peer_phi, peer_Delta = theirs.split(self.phi.numel())
-        noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
+        mine = torch.cat([self.phi, theta - self.phi])
+        if self.transport:
+            mean_phi, mean_Delta = self.transport.pair_mean(mine, done).split(self.phi.numel())
+            noloco_step(self.phi, self.delta, mean_phi, mean_Delta, self.alpha, self.beta, self.gamma)
+        else:
+            peer = partners(self.replicas, self.seed, done // self.H)[self.replica]
+            peer_phi = peer_Delta = None
+            if peer is not None:
+                link = self.pair_links[peer]
+                theirs = self.comm.exchange(mine, link.group, link.peer, link.kind)
+                peer_phi, peer_Delta = theirs.split(self.phi.numel())
+            noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
         copy_flat_(self.params, self.phi)
         return [0]
 

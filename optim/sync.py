@@ -9,7 +9,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from config import SyncConfig
-from dist.comm import CROSS, Comm
+from dist.comm import CROSS, LANE, Comm
 from dist.groups import Groups
 from optim.diloco import DiLoCo
 from optim.ef21 import ErrorFeedback
@@ -18,10 +18,12 @@ from optim.reduce import average_in_place_, copy_flat_
 
 
 class DDPSync:
-    """Average every gradient over the same stage of all replicas, every step, in one flat bucket."""
+    """Average every gradient over a group (the same stage of all replicas, or the lanes of a stage), every step,
+    in one flat bucket."""
 
-    def __init__(self, params: list[torch.nn.Parameter], ef: ErrorFeedback | None, comm: Comm, group, n: int):
-        self.params, self.ef, self.comm, self.group, self.n = params, ef, comm, group, n
+    def __init__(self, params: list[torch.nn.Parameter], ef: ErrorFeedback | None, comm: Comm, group, n: int,
+                 link: str = CROSS):
+        self.params, self.ef, self.comm, self.group, self.n, self.link = params, ef, comm, group, n, link
 
     @torch.no_grad()
     def before_update(self) -> None:
@@ -31,7 +33,7 @@ class DDPSync:
         if self.ef:
             copy_flat_(grads, self.ef.aggregate(_flatten_dense_tensors(grads)))
         else:
-            average_in_place_(grads, self.comm, self.group, CROSS, self.n)
+            average_in_place_(grads, self.comm, self.group, self.link, self.n)
 
     def after_update(self, done: int) -> list[int]:
         return []
@@ -71,13 +73,24 @@ class OuterSync:
         self.outer.load_state_dict(state)
 
 
-def _error_feedback(cfg: SyncConfig, seed: int, comm: Comm, group, n: int) -> ErrorFeedback:
-    kind, _, compressor = cfg.compress.partition("-")
-    return ErrorFeedback(kind, compressor, cfg.ratio, cfg.ef_eta, cfg.chunk, seed, comm, group, CROSS, n)
+def _error_feedback(cfg: SyncConfig, seed: int, comm: Comm, group, n: int, compress: str | None = None,
+                    link: str = CROSS) -> ErrorFeedback:
+    kind, _, compressor = (compress or cfg.compress).partition("-")
+    return ErrorFeedback(kind, compressor, cfg.ratio, cfg.ef_eta, cfg.chunk, seed, comm, group, link, n)
+
+
+def build_lane_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, lanes: int, stage: int,
+                    seed: int) -> DDPSync:
+    """The lanes of a stage average their gradients every step (before the replicas' sync), EF21 optional."""
+    params = list(module.parameters())
+    ef = (_error_feedback(cfg, seed * 7919 + stage, comm, groups.lanes, lanes, cfg.lane_compress, LANE)
+          if cfg.lane_compress != "none" and lanes > 1 else None)
+    return DDPSync(params, ef, comm, groups.lanes, lanes, LANE)
 
 
 def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, replica: int, replicas: int,
-               stage: int, seed: int, total_steps: int) -> DDPSync | OuterSync:
+               stage: int, seed: int, total_steps: int, transport=None) -> DDPSync | OuterSync:
+    """transport: the hivemind peer that carries diloco/noloco's outer exchange between sites (optim/wan.py)."""
     params = list(module.parameters())
     stage_seed = seed * 7919 + stage  # the same on every replica of this stage (Rand-K's shared index set)
     ef = cfg.compress != "none"
@@ -88,8 +101,8 @@ def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: C
         efs = ([_error_feedback(cfg, stage_seed + f, comm, groups.stage, replicas) for f in range(cfg.fragments)]
                if ef else None)
         outer = DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov,
-                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas)
+                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas, transport)
     else:
         outer = NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, replicas, seed, comm,
-                       groups.replica_pairs)
+                       groups.replica_pairs, transport)
     return OuterSync(outer, params, total_steps if cfg.final_average else None, comm, groups.stage, replicas)

@@ -47,7 +47,13 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
-def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, int], keep: int,
+def extra_name(slot: tuple[int, ...]) -> str:
+    """A rank's own state file: (replica, stage) or (replica, stage, lane); lane 0 keeps the two-part name."""
+    lane = slot[2] if len(slot) > 2 else 0
+    return f"extra-r{slot[0]}s{slot[1]}" + (f"l{lane}" if lane else "") + ".pt"
+
+
+def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, ...], keep: int,
          replicas_differ: bool) -> str:
     """Collective over the default group: every rank writes its shards, rank 0 seals and renames.
 
@@ -62,7 +68,7 @@ def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, i
     model_sd, optim_sd = get_state_dict(model, optimizer)
     namespace = f"replica{slot[0] if replicas_differ else 0}"
     dcp.save({namespace: {"model": model_sd, "optim": optim_sd["state"]}}, checkpoint_id=tmp)
-    torch.save(extra, os.path.join(tmp, f"extra-r{slot[0]}s{slot[1]}.pt"))
+    torch.save(extra, os.path.join(tmp, extra_name(slot)))
     dist.barrier()
     if dist.get_rank() == 0:
         files = sorted(f for f in os.listdir(tmp) if f != MANIFEST)
@@ -125,7 +131,7 @@ def choose(root: str, resume: str, log) -> str | None:
     return None
 
 
-def load(path: str, model, optimizer, slot: tuple[int, int]) -> dict:
+def load(path: str, model, optimizer, slot: tuple[int, ...]) -> dict:
     """Load this rank's stage (re-sharded by parameter name) and optimizer from its replica's weights, or
     replica 0's when the checkpoint has none of its own; returns its extra state (or {})."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -138,5 +144,5 @@ def load(path: str, model, optimizer, slot: tuple[int, int]) -> dict:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(err).splitlines()[0]}") from None
     set_state_dict(model, optimizer, model_state_dict=state[namespace]["model"],
                    optim_state_dict={"state": state[namespace]["optim"], "param_groups": optim_sd["param_groups"]})
-    extra = os.path.join(path, f"extra-r{slot[0]}s{slot[1]}.pt")
+    extra = os.path.join(path, extra_name(slot))
     return torch.load(extra, weights_only=False) if os.path.exists(extra) else {}

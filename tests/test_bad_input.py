@@ -52,6 +52,11 @@ def test_overrides_and_presets_apply():
     (["sync.method=diloco", "sync.precision=int2"], "choose fp32, bf16, int8 or int4"),
     (["sync.method=diloco", "sync.H=4", "sync.fragments=5"], "1 <= fragments <= H"),
     (["sync.compress=ef21-topk", "sync.chunk=65536"], "sync.chunk=65536 in (0, 32768]"),
+    (["sync.lane_compress=topk"], "sync.lane_compress='topk'"),
+    (["parallel.lanes=4", "parallel.sp=static:3"], "must be a power of two that divides parallel.lanes=4"),
+    (["parallel.lanes=4", "parallel.sp=ulysses"], "choose adaptive or static:<d>"),
+    (["parallel.lanes=8"], "model.n_heads=4 must divide by the largest SP group (8 lanes"),
+    (["parallel.lanes=2", "sync.routing=true"], "not supported with recovery.coordinator or sync.routing"),
 ])
 def test_bad_values_are_refused(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -61,8 +66,8 @@ def test_bad_values_are_refused(override, needle):
 def test_world_size_must_fit_topology():
     cfg = load_config([])
     check_world(cfg, 4)
-    with pytest.raises(ConfigError, match=r"world size 3 does not fit parallel.replicas=2 x parallel.stages=2 = 4 "
-                                          r"processes: launch with torchrun --nproc-per-node=4"):
+    with pytest.raises(ConfigError, match=r"world size 3 does not fit parallel.replicas=2 x parallel.stages=2 x "
+                                          r"parallel.lanes=1 = 4 processes: launch with torchrun --nproc-per-node=4"):
         check_world(cfg, 3)
 
 

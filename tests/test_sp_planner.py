@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from dist.sp_cost import SPCost, fit
+from dist.sp_cost import SPCost, fit, fit_measured
 from dist.sp_planner import PlanError, plan, static_plan, tilings
 
 COST = SPCost(quad=2e-9, lin=1e-6, bytes_per_token=2e4, bandwidth=2e9, tokens_per_lane=1024)
@@ -106,3 +106,22 @@ def test_fit_recovers_known_coefficients():
     assert got.quad == pytest.approx(true.quad, rel=1e-6) and got.lin == pytest.approx(true.lin, rel=1e-6)
     assert got.bandwidth == pytest.approx(true.bandwidth, rel=1e-6) and got.latency == pytest.approx(true.latency)
     assert got.time(1000, 1) == pytest.approx(true.quad * 1e6 + true.lin * 1e3)  # one lane: no all-to-all
+
+
+def test_static_plans_use_only_their_degree_even_for_single_sequence_passes():
+    lengths = [2000, 1900, 1800]  # 2 passes of 4 lanes x 1024 tokens, the first with one sequence
+    p = static_plan(lengths, 4, 2, COST)  # (a group of 4 would run a 2000-token sequence faster here)
+    assert len(p.microbatches) >= 2 and {g.size for groups in p.microbatches for g in groups} == {2}
+    adaptive = plan(lengths, 4, COST)
+    check_valid(adaptive, lengths, 4, COST)
+    assert 4 in {g.size for groups in adaptive.microbatches for g in groups if g.seqs}
+
+
+def test_measured_group_times_replace_the_analytic_model():
+    runs = {1: [(s, 1e-7 * s * s + 2e-4 * s) for s in (128, 512, 2048)],
+            2: [(s, 5e-8 * s * s + 1e-4 * s + 0.01) for s in (128, 512, 2048)]}
+    cost = SPCost(quad=1e-7, lin=2e-4, bytes_per_token=1e4, bandwidth=1e9, tokens_per_lane=4096,
+                  measured=fit_measured(runs))
+    assert cost.time(1000, 2) == pytest.approx(5e-8 * 1e6 + 1e-4 * 1000 + 0.01, rel=1e-6)
+    assert cost.time(1000, 4) == pytest.approx(cost.analytic().time(1000, 4))  # not measured: analytic
+    assert cost.analytic().time(1000, 2) != pytest.approx(cost.time(1000, 2))

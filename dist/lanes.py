@@ -1,0 +1,139 @@
+"""Sequence parallelism across the lanes of a stage: a replica's batch -> its documents -> each lane's shards.
+
+Attention and RoPE positions never cross a document boundary, so every document piece of a batch (a
+"sequence" here) can run on any lane, alone, with the same result as inside its window. Per step every
+lane of every stage plans the same batch (the planner is deterministic), finds the SP group that holds it
+in each pass, and takes its contiguous slice of each of the group's sequences (padded to a multiple of the
+group size; padding sits at the end, so causal attention never lets a real token see it, and its targets
+are ignored). A lane's shards of one pass travel between stages as one tensor, lane i to lane i.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from data.loader import Batch
+from dist.sp_cost import SPCost
+from dist.sp_planner import Plan, PlanError, plan, static_plan
+from model.stages import Stage
+
+IGNORE = -100  # cross-entropy's ignore_index: padding targets
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One document piece of a batch: row `row`, tokens [start, end)."""
+    row: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Shard:
+    """One lane's slice of one sequence."""
+    positions: torch.Tensor  # (1, c) places in the sequence (RoPE)
+    length: int  # the whole padded sequence: c x group size
+    group: tuple[int, int]  # (start lane, size) of the SP group
+
+
+@dataclass
+class LaneMicrobatch:
+    """A lane's part of one pass of the plan: its shards back to back."""
+    inputs: torch.Tensor  # (1, sum c) token ids (0 on padding)
+    targets: torch.Tensor  # (1, sum c) next tokens (IGNORE on padding)
+    shards: list[Shard]
+
+    def to(self, device) -> "LaneMicrobatch":
+        return LaneMicrobatch(self.inputs.to(device), self.targets.to(device), self.shards)
+
+
+def segments(batch: Batch) -> list[Segment]:
+    """The batch's document pieces in row order."""
+    out = []
+    for r, row in enumerate(batch.doc_ids.cpu()):
+        cuts = ((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()
+        bounds = [0, *cuts, row.numel()]
+        out += [Segment(r, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return out
+
+
+def parse_sp(mode: str) -> int | None:
+    """parallel.sp -> None (adaptive) or the static degree."""
+    return None if mode == "adaptive" else int(mode.split(":", 1)[1])
+
+
+def plan_batch(segs: list[Segment], lanes: int, mode: str, cost: SPCost, passes: int | None) -> Plan:
+    lengths = [s.length for s in segs]
+    degree = parse_sp(mode)
+    need = cost.min_degree(max(lengths))
+    if degree is not None and need > degree:
+        raise PlanError(f"a sequence of {max(lengths)} tokens needs an SP group of {need} lanes ({cost.tokens_per_lane} "
+                        f"tokens per lane) but parallel.sp={mode}: use parallel.sp=adaptive or static:{need}")
+    try:
+        if degree is None:
+            return plan(lengths, lanes, cost, passes=passes)
+        return static_plan(lengths, lanes, degree, cost, passes=passes)
+    except PlanError as err:
+        raise PlanError(f"{err} (parallel.sp={mode}, cost model tokens_per_lane={cost.tokens_per_lane})") from None
+
+
+def lane_microbatches(batch: Batch, segs: list[Segment], planned: Plan, lane: int) -> list[LaneMicrobatch]:
+    """This lane's micro-batch in every pass of the plan (empty when its group got no sequence)."""
+    out = []
+    for groups in planned.microbatches:
+        g = next(g for g in groups if g.start <= lane < g.start + g.size)
+        i = lane - g.start
+        inputs, targets, shards = [], [], []
+        for k in g.seqs:
+            seg = segs[k]
+            c = math.ceil(seg.length / g.size)
+            lo = min(i * c, seg.length)
+            hi = min(lo + c, seg.length)
+            pad = c - (hi - lo)
+            row = slice(seg.start + lo, seg.start + hi)
+            inputs.append(torch.nn.functional.pad(batch.inputs[seg.row, row], (0, pad), value=0))
+            targets.append(torch.nn.functional.pad(batch.targets[seg.row, row], (0, pad), value=IGNORE))
+            shards.append(Shard(torch.arange(i * c, i * c + c)[None], c * g.size, (g.start, g.size)))
+        empty = batch.inputs.new_zeros(0)
+        out.append(LaneMicrobatch(torch.cat(inputs or [empty])[None], torch.cat(targets or [empty])[None], shards))
+    return out
+
+
+class LaneRunner:
+    """Runs a stage on a lane's micro-batch, shard by shard, with Ulysses attention in groups of > 1 lane
+    (one DeepSpeed DistributedAttention per SP group, made once from the groups built in dist/groups.py)."""
+
+    def __init__(self, sp_groups: dict[tuple[int, int], object], backend: str):
+        import deepspeed  # here, not at the top: importing DeepSpeed takes seconds and only SP runs need it
+
+        from dist import sp_attention
+        deepspeed.init_distributed(dist_backend=backend)  # joins the existing process group
+        self.attention = {key: sp_attention.ulysses(group) for key, group in sp_groups.items()}
+        self.sp_attention = sp_attention.sp_attention
+
+    def attend(self, group: tuple[int, int]):
+        if group[1] == 1:
+            return None
+        attn = self.attention[group]
+        return lambda q, k, v, mask: self.sp_attention(attn, q, k, v, mask)
+
+    def __call__(self, module: Stage, x: torch.Tensor, mb: LaneMicrobatch) -> torch.Tensor:
+        outs, a = [], 0
+        for shard in mb.shards:
+            c = shard.positions.shape[1]
+            inputs = module.prepare_shard(shard.positions.to(x.device), shard.length, self.attend(shard.group))
+            outs.append(module(x[:, a:a + c], inputs))
+            a += c
+        return torch.cat(outs, dim=1)
+
+
+def imbalance(planned: Plan, lanes: int) -> float:
+    """Predicted slowest group over the mean lane's busy time, summed over passes (1 = perfectly balanced)."""
+    busy = sum(g.time * g.size for groups in planned.microbatches for g in groups) / lanes
+    return planned.predicted / busy if busy > 0 else 1.0
