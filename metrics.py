@@ -25,12 +25,18 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.endswith("\n") and line.strip()]
 
 
+def ledger_path(run_dir: str, replica: int) -> str:
+    """The samples each step of a replica took (written by its stage 0, lane 0)."""
+    return os.path.join(run_dir, "ledger", f"replica{replica}.jsonl")
+
+
 def truncate_jsonl(path: str, first_step: int) -> None:
     """Drop records of steps >= first_step (steps that were rolled back and will be replayed)."""
     if not os.path.exists(path):
         return
     with open(path) as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line).get("step", -1) < first_step]
+        keep = [line for line in fh if line.endswith("\n") and line.strip()  # a killed writer's partial line: dropped
+                and json.loads(line).get("step", -1) < first_step]
     with open(path, "w") as fh:
         fh.writelines(keep)
 
@@ -55,7 +61,7 @@ class RunLog:
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        self.ledger_path = os.path.join(run_dir, "ledger", f"replica{replica}.jsonl") if stage == lane == 0 else None
+        self.ledger_path = ledger_path(run_dir, replica) if stage == lane == 0 else None
         self.sync_path = os.path.join(run_dir, "sync", f"rank{rank}.jsonl")
         for path in (self.ledger_path, self.sync_path):
             if path:

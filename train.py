@@ -30,7 +30,7 @@ from dist.sp_cost import SPCost
 from dist.sp_planner import PlanError
 from dist.routing import local_microbatches
 from dist.topology import Topology
-from metrics import RunLog, Throughput, warn
+from metrics import RunLog, Throughput, ledger_path, truncate_jsonl, warn
 from model.stages import Stage, build_stage
 from optim.clip import clip_global_grad_norm
 from optim.inner import build_optimizer, lr_at, set_lr
@@ -294,7 +294,9 @@ def train(w: Worker) -> None:
     loss_sum_interval, steps_interval = 0.0, 0
     for step in range(w.committed, cfg.train.steps):
         t0 = time.perf_counter()
-        batch = w.loader.next_batch()  # this replica's samples (the ledger)
+        batch = w.loader.next_batch()  # this replica's samples
+        w.log.record_samples(step, batch.sample_ids)  # the ledger, before they reach any peer: a step that is
+        # rolled back is truncated from it, and one another replica commits after this rank dies stays in it
         work = split_batch(w, batch, step)
         if cfg.recovery.swap:  # CheckFree+: some micro-batches run the edge stages' layers swapped
             routes = [swap_route(topo.stages, step * len(work.microbatches) + i) for i in range(len(work.microbatches))]
@@ -328,7 +330,6 @@ def train(w: Worker) -> None:
         # the step is committed: record it
         if synced:
             w.log.record_sync(done, synced, params, w.comm)
-        w.log.record_samples(step, batch.sample_ids)
         w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm,
                           **(log_plan(w, done, work.plan, seconds) if work.plan else {}))
         loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
@@ -455,6 +456,9 @@ def recover(w: Worker, fresh: bool, gen: int, t_gen: float) -> None:
             w.sync.ef.reset()  # a replica of this stage changed: error feedback restarts with a dense round
     w.applied, w.undo = False, None
     w.loader.step = w.committed
+    if w.rank == 0 and decision.target is not None:  # a replica that sits out cannot roll its own ledger back
+        for r in set(range(topo.replicas)) - set(topo.members):
+            truncate_jsonl(ledger_path(cfg.log.run_dir, r), decision.target)
     open_log(w)
     if decision.target is None:
         announce(w, resumed_from)

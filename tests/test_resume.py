@@ -24,7 +24,8 @@ def run_killed_and_resumed(tmp_path, cache, nproc, topo):
     crashed = run(train_cmd(nproc, *common, f"log.run_dir={killed}", "fault.kill_at_step=7"), check=False)
     assert crashed.returncode != 0  # really died, mid-step 7 (after the step-5 checkpoint)
     ledger_before = read_jsonl(os.path.join(killed, "ledger", "replica0.jsonl"))
-    assert [r["step"] for r in ledger_before] == list(range(7))  # steps 5, 6 ran but were never checkpointed
+    # steps 5, 6 ran but were never checkpointed; step 7 had taken its samples when it died
+    assert [r["step"] for r in ledger_before] == list(range(8))
     resumed = run(train_cmd(nproc, *common, f"log.run_dir={killed}", "checkpoint.resume=latest"))
     assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
     run(train_cmd(nproc, *common, f"log.run_dir={whole}"))
