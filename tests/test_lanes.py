@@ -1,4 +1,5 @@
 """Lanes: a stage on several devices that split each batch's documents by the SP plan (Ulysses in groups > 1)."""
+import json
 import os
 
 import numpy as np
@@ -112,3 +113,21 @@ def test_sp_training_equals_training_without_sp(tmp_path):
         assert set(os.listdir(os.path.join(out, "ledger"))) == {"replica0.jsonl"}  # one ledger: lane 0 of stage 0
         tb = EventAccumulator(os.path.join(out, "tb", "train")).Reload()
         assert {"sp/predicted_s", "sp/measured_s", "sp/imbalance", "sp/largest_group"} <= set(tb.Tags()["scalars"])
+
+
+def test_lanes_under_diloco_with_ef21_lane_sync_keep_every_rank_identical(tmp_path, corpus_cache):
+    """2 replicas x 1 stage x 2 lanes, DiLoCo across replicas and EF21 Top-K across lanes: after each outer step
+    all four ranks hold the same bits (lanes share one EF21 estimate; replicas average per lane)."""
+    cost = str(tmp_path / "cost.json")
+    COST.save(cost)
+    out = str(tmp_path / "run")
+    run(train_cmd(4, "parallel.replicas=2", "parallel.stages=1", "parallel.lanes=2", "parallel.microbatches=1",
+                  f"parallel.sp_cost={cost}", "model.dim=32", "model.n_layers=2", "data.seq_len=128",
+                  "train.batch_size=4", "train.steps=10", "sync.method=diloco", "sync.H=5",
+                  "sync.lane_compress=ef21-topk", "sync.ratio=0.1", "log.eval_every=0", "checkpoint.every=0",
+                  f"data.cache_dir={corpus_cache}", f"log.run_dir={out}"))
+    digests = [[(r["step"], r["digest"]) for r in read_jsonl(os.path.join(out, "sync", f"rank{k}.jsonl"))]
+               for k in range(4)]
+    assert [s for s, _ in digests[0]] == [5, 10] and all(d == digests[0] for d in digests)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["bytes_sent"]["intra_stage"] > 0 and summary["collectives"]["cross_replica"] == 2
