@@ -231,11 +231,7 @@ def evaluate(w: Worker, batches) -> float:
     loss_sum = sum(eval_step(w.module, [mb.to(w.device) for mb in b.split(w.cfg.parallel.microbatches)], w.replica,
                              w.groups, w.comm) for b in batches[w.lane::w.topo.lanes])
     w.module.train()
-    if w.topo.lanes > 1 and w.module.last:
-        total = torch.tensor([loss_sum], dtype=torch.float64)
-        w.comm.all_reduce(total, w.groups.lanes, LANE)
-        loss_sum = float(total)
-    return loss_sum / sum(b.n_tokens for b in batches)
+    return lanes_sum(w, loss_sum) / sum(b.n_tokens for b in batches)
 
 
 def save_checkpoint(w: Worker, done: int) -> str:
@@ -277,13 +273,13 @@ def split_batch(w: Worker, batch, step: int) -> StepWork:
                     w.lane_runner, planned)
 
 
-def lanes_total(w: Worker, loss: float) -> float:
-    """The step's loss from the lanes' scaled parts (last stage; nan elsewhere)."""
+def lanes_sum(w: Worker, value: float) -> float:
+    """A last-stage value summed over the lanes of the stage (as it is with one lane, and on other stages)."""
     if w.topo.lanes == 1 or not w.module.last:
-        return loss
-    total = torch.tensor([loss], dtype=torch.float64)
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
     w.comm.all_reduce(total, w.groups.lanes, LANE)
-    return float(total) / w.topo.lanes
+    return float(total)
 
 
 def train(w: Worker) -> None:
@@ -304,7 +300,7 @@ def train(w: Worker) -> None:
         else:
             loss = train_step(module, work.microbatches, work.hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
                               topo.stages, work.n_tokens, work.run)
-        loss = lanes_total(w, loss)
+        loss = lanes_sum(w, loss) / topo.lanes  # each lane's part was scaled by L
         if step == cfg.fault.kill_at_step and (not cfg.fault.kill_ranks or w.grid_rank in cfg.fault.kill_ranks):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, before the update
         if w.lane_sync:

@@ -32,25 +32,34 @@ from model.llama import Block, document_mask, rope_tables  # noqa: E402
 from train import model_config  # noqa: E402
 
 
-def time_compute(lengths: list[int], repeats: int = 3) -> list[tuple[int, float]]:
+def lane_inputs(cfg, s: int, d: int, i: int):
+    """RoPE tables of lane i's slice of a length-s sequence split over d lanes, and the whole sequence's mask."""
+    c = math.ceil(s / d)
+    cos, sin = rope_tables(cfg.dim // cfg.n_heads, c * d, cfg.rope_theta)
+    part = slice(i * c, (i + 1) * c)
+    return cos[part][None, None], sin[part][None, None], document_mask(torch.zeros(1, c * d, dtype=torch.long))
+
+
+def time_layers(layers, dim: int, cos, sin, mask, attend=None, repeats: int = 3, barrier=lambda: None) -> float:
+    """Best of `repeats` forward + backward of the layers on a random slice (timed between two barriers)."""
+    best = float("inf")
+    for _ in range(repeats):
+        x = torch.randn(1, cos.shape[2], dim, requires_grad=True)
+        barrier()
+        t0 = time.perf_counter()
+        h = x
+        for layer in layers:
+            h = layer(h, cos, sin, mask, attend)
+        h.sum().backward()
+        barrier()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_compute(lengths: list[int]) -> list[tuple[int, float]]:
     cfg = model_config(load_config([]), 257)
     layers = [Block(cfg) for _ in range(cfg.n_layers)]
-    out = []
-    for s in lengths:
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, s, cfg.rope_theta)
-        cos, sin = cos[None, None], sin[None, None]  # (1, 1, s, head_dim / 2)
-        mask = document_mask(torch.zeros(1, s, dtype=torch.long))
-        best = float("inf")
-        for _ in range(repeats):
-            x = torch.randn(1, s, cfg.dim, requires_grad=True)
-            t0 = time.perf_counter()
-            h = x
-            for layer in layers:
-                h = layer(h, cos, sin, mask)
-            h.sum().backward()
-            best = min(best, time.perf_counter() - t0)
-        out.append((s, best))
-    return out
+    return [(s, time_layers(layers, cfg.dim, *lane_inputs(cfg, s, 1, 0))) for s in lengths]
 
 
 def alltoall_worker(out_path: str) -> None:
@@ -90,25 +99,8 @@ def groups_worker(out_path: str, lengths: list[int], repeats: int = 3) -> None:
     for d in (1 << i for i in range(lanes.bit_length()) if 1 << i <= lanes):
         attn = ulysses(groups[rank // d * d, d]) if d > 1 else None
         attend = (lambda q, k, v, m: sp_attention(attn, q, k, v, m)) if attn else None
-        runs[d] = []
-        for s in lengths:
-            c = math.ceil(s / d)
-            cos, sin = rope_tables(cfg.dim // cfg.n_heads, c * d, cfg.rope_theta)
-            part = slice((rank % d) * c, (rank % d + 1) * c)
-            cos, sin = cos[part][None, None], sin[part][None, None]
-            mask = document_mask(torch.zeros(1, c * d, dtype=torch.long))
-            best = float("inf")
-            for _ in range(repeats):
-                x = torch.randn(1, c, cfg.dim, requires_grad=True)
-                dist.barrier()
-                t0 = time.perf_counter()
-                h = x
-                for layer in layers:
-                    h = layer(h, cos, sin, mask, attend)
-                h.sum().backward()
-                dist.barrier()
-                best = min(best, time.perf_counter() - t0)
-            runs[d].append((s, best))
+        runs[d] = [(s, time_layers(layers, cfg.dim, *lane_inputs(cfg, s, d, rank % d), attend, repeats, dist.barrier))
+                   for s in lengths]
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(runs, fh)
