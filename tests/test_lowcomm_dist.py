@@ -40,6 +40,8 @@ def summary_of(run_dir):
     (["sync.H=4"], lambda syncs: syncs),  # one fp32 all-reduce per outer step
     (["sync.H=4", "sync.fragments=2", "sync.precision=int4"], lambda syncs: 2 * syncs),  # values + scales
     (["sync.H=4", "sync.compress=ef21-topk"], lambda syncs: 1 + 2 * (syncs - 1)),  # dense, then values + offsets
+    # every step, each replica's own AdamW update through EF14 (bench/lowcomm.py's adamw-update+ef14-top1%)
+    (["sync.H=1", "sync.outer_lr=1", "sync.outer_momentum=0", "sync.compress=ef14-topk"], lambda syncs: 2 * syncs),
 ])
 def test_diloco_replicas_identical_after_every_outer_step(tmp_path, corpus_cache, extra, collectives):
     run_dir = str(tmp_path / "run")

@@ -179,3 +179,23 @@ def test_ef14_error_accumulates_what_was_not_sent():
     sent = ef.aggregate(x)
     assert sent[99] == 99.0 and (sent != 0).sum() == 1
     assert torch.allclose(ef.e + sent, x)
+
+
+def test_ef14_on_increments_is_ef21_on_their_running_sum():
+    """EF21 tracking a replica's cumulative update sends exactly what EF14 sends on the per-step updates (after
+    EF21's dense first round, EF14's error starts at 0): the README's reading of `adamw-update+ef14-top1%`."""
+    make = lambda kind: ErrorFeedback(kind, "topk", ratio=0.05, eta=0.1, chunk=100, seed=1, comm=None, group=None,
+                                      link="cross_replica", n=1)
+    ef21, ef14 = make("ef21"), make("ef14")
+    gen = torch.Generator().manual_seed(0)
+    total = torch.randn(300, generator=gen)
+    before = ef21.aggregate(total)  # dense: the sum so far is known exactly on both sides
+    for _ in range(40):
+        step = torch.randn(300, generator=gen)
+        total = total + step
+        after = ef21.aggregate(total)
+        sent = ef14.aggregate(step)
+        assert (sent != 0).sum() == 15
+        assert torch.allclose(after - before, sent, atol=1e-5)
+        before = after
+    assert torch.allclose(total - before, ef14.e, atol=1e-4)  # what is still owed is the same vector
