@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 from data.corpus import list_files, read_documents  # noqa: E402
 from dist.sp_cost import SPCost  # noqa: E402
 from dist.sp_planner import plan, static_plan  # noqa: E402
+from launch.cluster import torchrun_cmd  # noqa: E402
 from metrics import read_jsonl  # noqa: E402
 
 
@@ -63,12 +64,11 @@ def measure(mix: str, cost_path: str, steps: int, seq_len: int, seed: int) -> di
             data = ["data.source=path", f"data.path={os.path.join(tmp, 'docs')}", f"data.cache_dir={tmp}/cache"]
         for mode in ("adaptive", "static:1", "static:2", "static:4"):
             run_dir = os.path.join(tmp, mode.replace(":", ""))
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                   os.path.join(ROOT, "train.py"), "parallel.replicas=1", "parallel.stages=1", "parallel.lanes=4",
-                   "parallel.microbatches=1", f"parallel.sp={mode}", f"parallel.sp_cost={cost_path}",
-                   f"data.seq_len={seq_len}", "train.batch_size=4", f"train.steps={steps}", "train.threads=1",
-                   "checkpoint.every=0", "log.eval_every=0", f"log.log_every={steps}", "log.tensorboard=false",
-                   f"log.run_dir={run_dir}", *data]
+            cmd = torchrun_cmd(4, "train.py", "parallel.replicas=1", "parallel.stages=1", "parallel.lanes=4",
+                               "parallel.microbatches=1", f"parallel.sp={mode}", f"parallel.sp_cost={cost_path}",
+                               f"data.seq_len={seq_len}", "train.batch_size=4", f"train.steps={steps}",
+                               "train.threads=1", "checkpoint.every=0", "log.eval_every=0", f"log.log_every={steps}",
+                               "log.tensorboard=false", f"log.run_dir={run_dir}", *data)
             proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                                   text=True)
             if proc.returncode:

@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.plots import load_run, plot_bytes, save  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
-from metrics import read_jsonl  # noqa: E402
+from launch.cluster import torchrun_cmd  # noqa: E402
 
 FEDAVG = ["sync.outer_lr=1", "sync.outer_momentum=0"]  # the outer step is the plain average of the replicas
 # adamw-update*: every step, each replica takes its own AdamW step and the replicas average that update (DiLoCo
@@ -57,21 +58,18 @@ def method_args(name: str, steps: int, extra: list[str], workdir: str) -> list[s
 def run_method(name: str, steps: int, extra: list[str], workdir: str) -> dict:
     args = method_args(name, steps, extra, workdir)
     run_dir, cfg = os.path.join(workdir, name), load_config(args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           os.path.join(ROOT, "train.py"), *args]
+    cmd = torchrun_cmd(4, "train.py", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(run_dir, "summary.json")) as fh:
         s = json.load(fh)
-    curve = [(r["cross_bytes"], r["val_loss"]) for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-             if "val_loss" in r]
     return {"bench": "lowcomm", "method": name, "val_loss": s["val_loss"],
             "cross_replica_bytes_per_rank": s["bytes_sent"]["cross_replica"],
             "cross_replica_collectives": s["collectives"].get("cross_replica", 0),
             "cross_replica_p2p": s["p2p"].get("cross_replica", 0), "steps": steps,
-            "tokens": steps * cfg.parallel.replicas * cfg.train.batch_size * cfg.data.seq_len, "curve": curve}
+            "tokens": steps * cfg.parallel.replicas * cfg.train.batch_size * cfg.data.seq_len}
 
 
 # the issue's targets: (method, reference, most val-loss increase over the reference, fewest x fewer bytes than
@@ -98,27 +96,6 @@ def check_target(by_name: dict, method: str, ref: str, max_loss: float, min_byte
     return out
 
 
-def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colors = plt.get_cmap("tab20").colors
-    for i, r in enumerate(results):
-        xs, ys = zip(*[(max(b, 1.0) / 1e6, v) for b, v in r["curve"]])
-        ax.plot(xs, ys, marker="os^D"[i % 4], ms=3, color=colors[i % len(colors)],
-                label=f"{r['method']} ({r['val_loss']:.3f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("cross-replica MB sent per rank (log)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("Loss vs communication: 4 replicas, same model and tokens")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=500)
@@ -134,7 +111,7 @@ def main() -> None:
 
     def one(name: str) -> dict:
         r = run_method(name, args.steps, extra, workdir)
-        print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+        print(json.dumps(r), flush=True)
         return r
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +123,7 @@ def main() -> None:
                 raise SystemExit(f"bench/lowcomm.py: {name}: {err}") from None
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             results = list(pool.map(one, names))
+        plot([load_run(os.path.join(workdir, name)) for name in names], args.plot)
     by_name = {r["method"]: r for r in results}
     if "ddp" in by_name:
         for r in results:
@@ -156,7 +134,18 @@ def main() -> None:
     for target in TARGETS:
         if target[0] in by_name and target[1] in by_name:
             print(json.dumps(check_target(by_name, *target)))
-    plot(results, args.plot)
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """Validation loss against cross-replica bytes, one curve per method (bench/plots.py's chart)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    plot_bytes(runs, ax)
+    ax.set_title("Loss vs communication: 4 replicas, same model and tokens")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,12 @@ def plot_tokens(runs: list[dict], ax) -> None:
 
 
 def plot_bytes(runs: list[dict], ax) -> None:
-    for run in (r for r in runs if r["val"]):
+    from matplotlib import colormaps
+    colors = colormaps["tab20"].colors  # distinct colours for up to 20 runs (bench/lowcomm.py plots 14)
+    for i, run in enumerate(r for r in runs if r["val"]):
         _, vl, vb = zip(*run["val"])
-        ax.plot(np.maximum(vb, 1.0) / 1e6, vl, "o-", ms=4, label=f"{run['name']} ({vl[-1]:.3f})")
+        ax.plot(np.maximum(vb, 1.0) / 1e6, vl, "os^D"[i % 4] + "-", ms=4, color=colors[i % len(colors)],
+                label=f"{run['name']} ({vl[-1]:.3f})")
     ax.set_xscale("log")
     ax.set_xlabel("cross-replica MB sent by the logger rank (log)")
     ax.set_ylabel("validation loss (nats/token)")

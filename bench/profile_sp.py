@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 from config import load_config  # noqa: E402
 from dist.groups import sp_ranges  # noqa: E402
 from dist.sp_cost import fit, fit_measured  # noqa: E402
+from launch.cluster import torchrun_cmd  # noqa: E402
 from model.llama import Block, document_mask, rope_tables  # noqa: E402
 from train import model_config  # noqa: E402
 
@@ -108,8 +109,7 @@ def groups_worker(out_path: str, lengths: list[int], repeats: int = 3) -> None:
 
 
 def run_workers(nproc: int, flag: str, path: str) -> None:
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    os.path.abspath(__file__), flag, path], check=True, cwd=ROOT,
+    subprocess.run(torchrun_cmd(nproc, os.path.abspath(__file__), flag, path), check=True, cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
 
 

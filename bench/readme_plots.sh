@@ -12,8 +12,8 @@ if [ -e "$runs" ]; then
   echo "readme_plots: error: $runs exists: remove it or give another folder" >&2
   exit 2
 fi
-python=${PYTHON:-python3}
-[ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || python=.venv/bin/python
+source launch/common.sh
+python=$(pick_python)
 export PYTHON=$python
 common=(train.steps=150 train.batch_size=8 optim.warmup_steps=20 log.eval_every=25 log.eval_batches=4
         checkpoint.every=0)

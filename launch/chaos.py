@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.cluster import ROOT, Cluster, read_jsonl  # noqa: E402
+from launch.cluster import ROOT, Cluster, read_jsonl, torchrun_cmd  # noqa: E402
 
 
 def log_event(run_dir: str, kind: str, t: float | None = None, **fields) -> None:
@@ -112,9 +112,8 @@ def run_restart(args, overrides: list[str]) -> tuple[int, int]:
     log = open(os.path.join(args.run_dir, "torchrun.log"), "w")
     kills, executed, seen = Kills(args.rate, n, args.seed), 0, 0
     for attempt in range(args.max_restarts + 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               os.path.join(ROOT, "train.py"), f"parallel.replicas={args.replicas}", f"parallel.stages={args.stages}",
-               f"log.run_dir={args.run_dir}", "checkpoint.resume=latest", *overrides]
+        cmd = torchrun_cmd(n, "train.py", f"parallel.replicas={args.replicas}", f"parallel.stages={args.stages}",
+                           f"log.run_dir={args.run_dir}", "checkpoint.resume=latest", *overrides)
         agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if attempt:
             log_event(args.run_dir, "restart", attempt=attempt)

@@ -19,6 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    """A script of this repository on nproc local processes: torchrun --standalone (its own rendezvous)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            os.path.join(ROOT, script), *args]
+
+
 def worker_cmd(*overrides: str) -> list[str]:
     """A recovery-mode worker: a plain `python train.py` (its rank comes from the coordinator, not torchrun)."""
     return [sys.executable, os.path.join(ROOT, "train.py"), *overrides]

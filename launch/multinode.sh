@@ -30,14 +30,13 @@ esac
 [[ $node_rank =~ ^[0-9]+$ ]] && [ "$node_rank" -lt "$nnodes" ] || fail "NODE_RANK='$node_rank' must be an integer in 0..$((nnodes - 1))"
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || fail "PROCS_PER_NODE='$nproc' is not a positive integer"
 
-python=${PYTHON:-python3}
-[ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || python=.venv/bin/python
+source launch/common.sh
+python=$(pick_python)
 cmd=("$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" --rdzv-backend=c10d
      --rdzv-endpoint="$head_addr" --rdzv-id="${FLOTILLA_RDZV_ID:-flotilla}"
      --rdzv-conf="is_host=$([ "$node_rank" = 0 ] && echo 1 || echo 0),join_timeout=${FLOTILLA_RDZV_TIMEOUT:-600}")
 [ -z "${FLOTILLA_LOCAL_ADDR:-}" ] || cmd+=(--local-addr="$FLOTILLA_LOCAL_ADDR")
 cmd+=(train.py "$@")
-source launch/quote.sh
 echo "multinode: node $node_rank of $nnodes: $(quote "${cmd[@]}")"
 [ "${FLOTILLA_DRY_RUN:-0}" = 1 ] && exit 0
 exec "${cmd[@]}"

@@ -14,10 +14,9 @@ if ! [[ ${1:-} =~ ^[1-9][0-9]*$ ]]; then
 fi
 nproc=$1
 shift
-python=${PYTHON:-python3}
-[ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || python=.venv/bin/python
+source launch/common.sh
+python=$(pick_python)
 cmd=("$python" -m torch.distributed.run --standalone --nproc-per-node="$nproc" train.py "$@")
-source launch/quote.sh
 echo "single_node: $(quote "${cmd[@]}")"
 [ "${FLOTILLA_DRY_RUN:-0}" = 1 ] && exit 0
 exec "${cmd[@]}"

@@ -3,12 +3,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            os.path.join(ROOT, script), *args]
+from launch.cluster import ROOT, torchrun_cmd
 
 
 def run(cmd: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

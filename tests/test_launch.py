@@ -12,6 +12,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from launch.cluster import Cluster, free_port, read_jsonl
 from tests.procs import ROOT
+from tests.test_train_e2e import scalars
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64",
         "train.batch_size=4", "parallel.microbatches=2", "checkpoint.every=0", "log.log_every=5", "log.eval_every=10",
@@ -20,12 +21,6 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads
 
 def env(**extra) -> dict:
     return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def scalars(path: str) -> dict:
-    acc = EventAccumulator(path)
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_two_torchrun_nodes_on_loopback(tmp_path, corpus_cache):

@@ -8,10 +8,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.procs import run, train_cmd
 
 
-def scalars(path):
+def scalars(path: str) -> dict:
+    """Every scalar of a TensorBoard log folder as (step, value) pairs."""
     acc = EventAccumulator(path)
     acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_2x2_torchrun_learns_well_below_unigram_entropy(tmp_path, corpus_cache):
@@ -32,10 +33,10 @@ def test_2x2_torchrun_learns_well_below_unigram_entropy(tmp_path, corpus_cache):
     train = scalars(os.path.join(run_dir, "tb", "train"))
     for tag in ("train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "val/loss", "val/ppl"):
         assert tag in train, tag
-    assert train["train/loss"][-1] < train["train/loss"][0]
+    assert train["train/loss"][-1][1] < train["train/loss"][0][1]
     for rank in range(4):  # each rank reports its own bytes per link class
         comm = scalars(os.path.join(run_dir, "tb", f"rank{rank}"))
-        assert comm["comm/bytes_cross_replica"][-1] > 0
+        assert comm["comm/bytes_cross_replica"][-1][1] > 0
     ledgers = sorted(glob.glob(os.path.join(run_dir, "ledger", "*.jsonl")))
     assert [os.path.basename(p) for p in ledgers] == ["replica0.jsonl", "replica1.jsonl"]
     seen = [set(s for line in open(p) for s in json.loads(line)["samples"]) for p in ledgers]

@@ -13,6 +13,7 @@ import torch
 
 from config import ConfigError, WanConfig, load_config
 from dist.comm import CROSS, Comm
+from launch.cluster import free_port
 from metrics import read_jsonl
 from tests.procs import ROOT, run, torchrun_cmd, train_cmd
 from tests.test_bad_input import one_line_error
@@ -81,9 +82,7 @@ def new_identity(path: str) -> str:
 def free_port_pair() -> int:
     """A port p with p and p + 1 free (site 0's two ranks listen on wan.port + rank)."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
