@@ -55,7 +55,7 @@ class ParallelConfig:
 
 @dataclass
 class SyncConfig:
-    """How replicas of a stage stay together (see ../shared/design/lowcomm.md)."""
+    """How replicas of a stage stay together (optim/sync.py)."""
     method: str = "ddp"  # ddp: average gradients every step | diloco | noloco
     compress: str = "none"  # none | <ef21|ef21sgdm|ef14>-<topk|randk|int8>: gradients (ddp) or pseudo-gradients (diloco)
     ratio: float = 0.01  # K / d for topk and randk
@@ -109,20 +109,13 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 200  # steps; 0 = only at the end
-    keep: int = 2
+    keep: int = 2  # sealed checkpoints kept (an old one is deleted only after its successor is sealed); 0 = all
     resume: str = "none"  # none | latest | <checkpoint directory>
 
 
 @dataclass
-class FaultConfig:
-    """Deterministic fault injection for tests and chaos runs."""
-    kill_at_step: int = -1  # SIGKILL the process in the middle of this step (-1 = never)
-    kill_ranks: list[int] = field(default_factory=list)  # empty = every rank
-
-
-@dataclass
 class RecoveryConfig:
-    """In-process recovery from lost workers (../shared/design/recovery.md): on when `coordinator` is set.
+    """In-process recovery from lost workers (recovery/runtime.py): on when `coordinator` is set.
 
     Workers are then started by `launch/chaos.py` or a node agent (not torchrun) with the secret in the
     FLOTILLA_SECRET environment variable; ranks come from the coordinator, which decides membership.
@@ -136,6 +129,7 @@ class RecoveryConfig:
     swap: bool = False  # CheckFree+: odd micro-batches swap the first two / last two stages (edges recoverable)
     edge_copy_every: int = 10  # CheckFree+: steps between refreshing the (de)embedding copies on the neighbours
     abort_timeout_s: float = 20.0  # coordinator lost: how long survivors try to agree on a final checkpoint
+    phase_margin_s: float = 5.0  # forming a world / building groups may take the heartbeat timeout plus this
 
 
 @dataclass
@@ -166,7 +160,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    fault: FaultConfig = field(default_factory=FaultConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     wan: WanConfig = field(default_factory=WanConfig)
 
@@ -246,6 +239,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "path" and not os.path.isdir(cfg.data.path):
         raise ConfigError(f"data.path='{cfg.data.path}' is not a folder: point data.path at a folder of .txt/.jsonl files")
     validate_recovery(cfg)
+    if cfg.checkpoint.keep < 0 or cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} and checkpoint.every={cfg.checkpoint.every} must be "
+                          f">= 0 (keep=0 keeps every checkpoint, every=0 saves only at the end)")
     if cfg.checkpoint.resume not in ("none", "latest") and not os.path.isdir(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume='{cfg.checkpoint.resume}' is not a checkpoint folder: use none, latest or a path under <run_dir>/checkpoints")
 
@@ -360,8 +356,8 @@ def validate_recovery(cfg: Config) -> None:
         raise ConfigError(f"recovery.checkfree_weight='{r.checkfree_weight}': choose grad_norm, grad_norm_sq or uniform")
     if r.swap and cfg.sync.routing:
         raise ConfigError("recovery.swap and sync.routing both reorder the pipeline: use one")
-    if r.heartbeat_s <= 0 or r.edge_copy_every < 1:
-        raise ConfigError("recovery.heartbeat_s must be > 0 and recovery.edge_copy_every >= 1")
+    if r.heartbeat_s <= 0 or r.edge_copy_every < 1 or r.phase_margin_s <= 0:
+        raise ConfigError("recovery.heartbeat_s and recovery.phase_margin_s must be > 0 and recovery.edge_copy_every >= 1")
 
 
 def check_world(cfg: Config, world_size: int) -> None:

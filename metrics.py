@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 import zlib
+from typing import Callable
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -25,20 +26,50 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.endswith("\n") and line.strip()]
 
 
+def _live_lines(path: str) -> tuple[list[str], list[dict]]:
+    """The raw lines (gen kept) and records of read_log, for rewriting a file."""
+    lines, records, newest = [], [], ()
+    for record in read_jsonl(path):
+        gen = tuple(record.get("gen", ()))
+        if gen < newest:
+            continue
+        newest = gen
+        if "rollback" in record:
+            kept = [(ln, r) for ln, r in zip(lines, records) if r["step"] < record["rollback"]]
+            lines, records = [ln for ln, _ in kept], [r for _, r in kept]
+        else:
+            lines.append(json.dumps(record) + "\n")
+            records.append(record)
+    return lines, records
+
+
+def read_log(path: str) -> list[dict]:
+    """The live records of a ledger, metrics or sync file, in order: what a reader may trust.
+
+    Every record carries the writer's generation ("gen": [launch time, generation]). A rollback to step T by
+    generation g is a marker {"rollback": T, "gen": g}: it drops the records of steps >= T written before it, and
+    from then on records of older generations (a fenced worker that woke up and wrote anyway) are ignored.
+    Records come back without their "gen".
+    """
+    return [{k: v for k, v in r.items() if k != "gen"} for r in _live_lines(path)[1]]
+
+
 def ledger_path(run_dir: str, replica: int) -> str:
     """The samples each step of a replica took (written by its stage 0, lane 0)."""
     return os.path.join(run_dir, "ledger", f"replica{replica}.jsonl")
 
 
-def truncate_jsonl(path: str, first_step: int) -> None:
-    """Drop records of steps >= first_step (steps that were rolled back and will be replayed)."""
+def truncate_jsonl(path: str, first_step: int, gen: list | None = None) -> None:
+    """Drop records of steps >= first_step (steps that were rolled back and will be replayed); with `gen`, also
+    leave a rollback marker of that generation, so that a fenced writer's later append is ignored by read_log."""
     if not os.path.exists(path):
         return
-    with open(path) as fh:
-        keep = [line for line in fh if line.endswith("\n") and line.strip()  # a killed writer's partial line: dropped
-                and json.loads(line).get("step", -1) < first_step]
-    with open(path, "w") as fh:
+    keep = [line for line, r in zip(*_live_lines(path)) if r["step"] < first_step]  # a partial line is dropped
+    if gen is not None:
+        keep.append(json.dumps({"rollback": first_step, "gen": gen}) + "\n")
+    with open(path + ".tmp", "w") as fh:
         fh.writelines(keep)
+    os.replace(path + ".tmp", path)  # a reader never sees a half-rewritten file
 
 
 # TensorBoard's Custom Scalars tab (the logger rank writes it): loss against tokens seen and against the bytes
@@ -54,8 +85,11 @@ class RunLog:
     and its outer steps (sync/rank<k>.jsonl)."""
 
     def __init__(self, run_dir: str, rank: int, replica: int, stage: int, stages: int, start_step: int,
-                 tensorboard: bool, tokens_per_step: int = 0, lane: int = 0):
+                 tensorboard: bool, tokens_per_step: int = 0, lane: int = 0, gen: list | None = None,
+                 fence: Callable[[], None] | None = None):
         self.rank, self.replica, self.tokens_per_step = rank, replica, tokens_per_step
+        self.gen = gen or [0.0, 0]  # [launch time, generation]: stamped on every record (see read_log)
+        self.fence = fence or (lambda: None)  # raises once this worker is no longer a member: it must not write
         self.recoveries = {"rebuilt": 0, "resumed": 0}
         self.is_logger = replica == 0 and stage == stages - 1 and lane == 0
         os.makedirs(run_dir, exist_ok=True)
@@ -67,30 +101,33 @@ class RunLog:
             if path:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
         self.metrics = self.ledger = self.sync = None
-        self.rollback(start_step)
+        self.rollback(start_step, self.gen)
         tb = os.path.join(run_dir, "tb")
         self.tb = SummaryWriter(os.path.join(tb, "train")) if tensorboard and self.is_logger else None
         self.tb_comm = SummaryWriter(os.path.join(tb, f"rank{rank}")) if tensorboard else None
         if self.tb:
             self.tb.add_custom_scalars(LAYOUT)
 
-    def rollback(self, step: int) -> None:
-        """Forget records of steps >= step (they will be replayed) and append from there."""
-        self.at_step = step
+    def rollback(self, step: int, gen: list) -> None:
+        """Forget records of steps >= step (they will be replayed) and append from there, as generation `gen`."""
+        self.at_step, self.gen = step, gen
         for f in (self.metrics, self.ledger, self.sync):
             if f:
                 f.close()
         if self.is_logger:
-            truncate_jsonl(self.metrics_path, step)
+            truncate_jsonl(self.metrics_path, step, gen)
             self.metrics = open(self.metrics_path, "a")
         if self.ledger_path:
-            truncate_jsonl(self.ledger_path, step)
+            truncate_jsonl(self.ledger_path, step, gen)
             self.ledger = open(self.ledger_path, "a")
-        truncate_jsonl(self.sync_path, step + 1)
+        truncate_jsonl(self.sync_path, step + 1, gen)
         self.sync = open(self.sync_path, "a")
 
-    def event(self, kind: str, **fields) -> None:
-        """A recovery event (events.jsonl, shared with the coordinator and the chaos launcher)."""
+    def event(self, kind: str, fenced: bool = True, **fields) -> None:
+        """A recovery event (events.jsonl, shared with the coordinator and the chaos launcher); fenced=False for
+        the one event written after a generation ended (that it ended)."""
+        if fenced:
+            self.fence()
         with open(os.path.join(self.run_dir, "events.jsonl"), "a") as fh:
             fh.write(json.dumps({"t": time.time(), "event": kind, "rank": self.rank, **fields}) + "\n")
         if kind in self.recoveries and self.tb_comm:
@@ -103,7 +140,8 @@ class RunLog:
 
     def record_samples(self, step: int, sample_ids: list[int]) -> None:
         if self.ledger:
-            self.ledger.write(json.dumps({"step": step, "samples": sample_ids}) + "\n")
+            self.fence()
+            self.ledger.write(json.dumps({"step": step, "samples": sample_ids, "gen": self.gen}) + "\n")
             self.ledger.flush()
 
     def record_sync(self, step: int, fragments: list, params, comm) -> None:
@@ -112,13 +150,15 @@ class RunLog:
         digest = 0
         for p in params:
             digest = zlib.crc32(p.detach().cpu().numpy().tobytes(), digest)
-        self.sync.write(json.dumps({"step": step, "fragments": fragments, "digest": digest,
-                                    "bytes": comm.totals(), "collectives": dict(comm.calls)}) + "\n")
+        self.fence()
+        self.sync.write(json.dumps({"step": step, "fragments": fragments, "digest": digest, "bytes": comm.totals(),
+                                    "collectives": dict(comm.calls), "gen": self.gen}) + "\n")
         self.sync.flush()
 
     def record_step(self, step: int, **values) -> None:
         if self.metrics:
-            self.metrics.write(json.dumps({"step": step, **values, "t": time.time()}) + "\n")
+            self.fence()
+            self.metrics.write(json.dumps({"step": step, **values, "t": time.time(), "gen": self.gen}) + "\n")
             self.metrics.flush()
         if self.tb and "val_loss" in values and "cross_bytes" in values:
             self.tb.add_scalar("by_bytes/val_loss", values["val_loss"], int(values["cross_bytes"]))

@@ -30,7 +30,7 @@ from data.corpus import list_files, read_documents  # noqa: E402
 from dist.sp_cost import SPCost  # noqa: E402
 from dist.sp_planner import plan, static_plan  # noqa: E402
 from launch.cluster import torchrun_cmd  # noqa: E402
-from metrics import read_jsonl  # noqa: E402
+from metrics import read_log  # noqa: E402
 
 
 def corpus_lengths() -> np.ndarray:
@@ -73,7 +73,7 @@ def measure(mix: str, cost_path: str, steps: int, seq_len: int, seed: int) -> di
                                   text=True)
             if proc.returncode:
                 sys.exit(f"adaptive_sp: {mode} failed:\n{proc.stderr[-3000:]}")
-            records = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "sp_measured_s" in r][2:]
+            records = [r for r in read_log(os.path.join(run_dir, "metrics.jsonl")) if "sp_measured_s" in r][2:]
             out[mode] = {"measured_s": round(float(np.mean([r["sp_measured_s"] for r in records])), 4),
                          "predicted_s": round(float(np.mean([r["sp_predicted_s"] for r in records])), 4)}
     best = min(v["measured_s"] for k, v in out.items() if k != "adaptive")

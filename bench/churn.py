@@ -19,7 +19,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launch.cluster import read_jsonl  # noqa: E402
+from metrics import read_log  # noqa: E402
 
 METHODS = {  # name -> (chaos mode, train.py overrides)
     "recovery": ("recovery", []),  # layered: a copy from the other replica, else CheckFree, else the checkpoint
@@ -42,7 +42,7 @@ def run(method: str, rate: float, steps: int, ckpt_every: int, workdir: str, see
         kept = shutil.copytree(run_dir, tempfile.mkdtemp(prefix=f"churn-failed-{method}-"), dirs_exist_ok=True)
         raise SystemExit(f"{method} at {rate}% failed (run kept in {kept}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     chaos = json.loads(proc.stdout.strip().splitlines()[-1])
-    evals = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "val_loss" in r]
+    evals = [r for r in read_log(os.path.join(run_dir, "metrics.jsonl")) if "val_loss" in r]
     return {"chaos": chaos, "evals": evals, "start": chaos["started"]}
 
 

@@ -20,7 +20,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from metrics import read_jsonl  # noqa: E402
+from metrics import read_jsonl, read_log  # noqa: E402
 
 RECOVERY_EVENTS = {"kill", "detect", "rebuilt", "resumed", "restart"}
 
@@ -35,7 +35,7 @@ def load_run(run_dir: str) -> dict:
     with open(config) as fh:
         cfg = yaml.safe_load(fh)
     tokens_per_step = cfg["parallel"]["replicas"] * cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
-    records = read_jsonl(metrics)
+    records = read_log(metrics)
     train = sorted((r["step"], r["loss"], r["t"]) for r in records if "loss" in r)
     val = sorted((r["step"], r["val_loss"], r["cross_bytes"]) for r in records if "val_loss" in r)
     events = [e for e in read_jsonl(os.path.join(run_dir, "events.jsonl")) if e["event"] in RECOVERY_EVENTS]

@@ -1,6 +1,8 @@
 """Every transfer goes through here: torch.distributed calls wrapped with a byte and call counter per link class."""
 from __future__ import annotations
 
+import io
+import threading
 import time
 from collections import defaultdict
 
@@ -73,6 +75,48 @@ class Comm:
             else:
                 self.recv(theirs, pair, src)
         return theirs
+
+    def barrier(self, group=None, link: str = "control") -> None:
+        """Every rank of the group got here (an all-reduce of one number: pollable, unlike dist.barrier)."""
+        self.all_reduce(torch.zeros(1), group, link)
+
+    def broadcast_object(self, obj, src: int, group=None, link: str = "control"):
+        """`obj` of global rank `src` on every rank of the group (pollable, unlike dist.broadcast_object_list)."""
+        data = None
+        if dist.get_rank() == src:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        size = torch.tensor([data.numel() if data is not None else 0])
+        self.wait(self._issue(dist.broadcast, size, src=src, group=group, async_op=True))
+        if data is None:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        self.wait(self._issue(dist.broadcast, data, src=src, group=group, async_op=True))
+        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+
+    def blocking(self, fn, what: str):
+        """Run a call that makes its own collectives we cannot poll (DCP's save and load): on a thread, watching
+        the abort flag, so an ended generation does not wait for the group timeout. Returns fn's result or raises
+        its error (the caller tells a peer's failure from its own)."""
+        if self.abort is None:
+            return fn()
+        box: dict = {}
+
+        def target():
+            try:
+                box["result"] = fn()
+            except BaseException as err:  # handed to the caller's thread
+                box["error"] = err
+
+        thread = threading.Thread(target=target, name=what, daemon=True)  # abandoned on abort: its groups are parked
+        thread.start()
+        while thread.is_alive():
+            if self.abort.is_set():
+                raise GenerationLost(f"the generation ended during {what}", False)
+            thread.join(0.01)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def count(self, link: str, nbytes: float) -> None:
         """A collective made outside torch.distributed (hivemind's averaging across sites), counted like the others."""

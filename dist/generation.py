@@ -16,7 +16,8 @@ _GRAVEYARD: list = []
 
 
 def start_generation(store, gen: int, rank: int, world: int, backend: str, timeout_s: float, keep: tuple = ()) -> None:
-    """Leave the previous generation's groups behind and join generation `gen` as `rank` of `world`."""
+    """Leave the previous generation's groups behind and join generation `gen` as `rank` of `world`; a peer
+    that never arrives fails the call after timeout_s (the caller raises it afterwards for transfers)."""
     if dist.is_initialized():
         _GRAVEYARD.append((c10d._get_default_group(), *keep))
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Per-batch plan for heterogeneity-adaptive sequence parallelism (FlexSP-style, ../shared/design/adaptive_sp.md).
+"""Per-batch plan for heterogeneity-adaptive sequence parallelism (FlexSP-style).
 
 Given a batch's sequence lengths and L lanes, choose SP groups (power-of-two sizes tiling the lanes,
 placed on contiguous aligned lane ranges) and assign every sequence to one group, so that the slowest

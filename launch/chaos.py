@@ -28,6 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch.cluster import ROOT, Cluster, read_jsonl, torchrun_cmd  # noqa: E402
+from metrics import read_log  # noqa: E402
 
 
 def log_event(run_dir: str, kind: str, t: float | None = None, **fields) -> None:
@@ -39,7 +40,7 @@ def log_event(run_dir: str, kind: str, t: float | None = None, **fields) -> None
 
 def last_step(run_dir: str) -> int:
     """Steps the logger rank has committed so far (goes back when a checkpoint-restart rolls back)."""
-    steps = [r["step"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
+    steps = [r["step"] for r in read_log(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
     return steps[-1] + 1 if steps else 0
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from metrics import read_jsonl
+from metrics import read_jsonl, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +48,9 @@ class Cluster:
     def events_path(self) -> str:
         return os.path.join(self.run_dir, "events.jsonl")
 
-    def env(self, secret: str | None = None) -> dict:
-        return {**os.environ, "FLOTILLA_SECRET": secret or self.secret, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    def env(self, secret: str | None = None, extra: dict | None = None) -> dict:
+        return {**os.environ, "FLOTILLA_SECRET": secret or self.secret, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                **(extra or {})}
 
     def start(self) -> "Cluster":
         log = open(os.path.join(self.run_dir, "coordinator.log"), "w")
@@ -65,11 +66,12 @@ class Cluster:
             time.sleep(0.05)
         return self
 
-    def worker(self, *extra: str, secret: str | None = None) -> subprocess.Popen:
+    def worker(self, *extra: str, secret: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        """One more worker process; `env` adds variables (a test's fault injection: tests/faults.py)."""
         i = len(self.workers)
         log = open(os.path.join(self.run_dir, f"worker{i}.log"), "w")
         proc = subprocess.Popen(worker_cmd(*self.overrides, *extra), cwd=ROOT,
-                                env=self.env(secret), stdout=log, stderr=subprocess.STDOUT)
+                                env=self.env(secret, env), stdout=log, stderr=subprocess.STDOUT)
         proc.log_path = log.name
         self.workers.append(proc)
         return proc
@@ -86,7 +88,7 @@ class Cluster:
 
     def steps_done(self) -> int:
         """Steps recorded by the logger rank (replica 0, last stage)."""
-        return len({r["step"] for r in read_jsonl(os.path.join(self.run_dir, "metrics.jsonl")) if "loss" in r})
+        return len({r["step"] for r in read_log(os.path.join(self.run_dir, "metrics.jsonl")) if "loss" in r})
 
     def wait_all(self, procs: list[subprocess.Popen], timeout: float = 180) -> list[int]:
         deadline = time.monotonic() + timeout

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch._utils import _flatten_dense_tensors
 
@@ -15,6 +17,21 @@ from optim.diloco import DiLoCo
 from optim.ef21 import ErrorFeedback
 from optim.noloco import NoLoCo
 from optim.reduce import average_in_place_, copy_flat_
+
+
+class Sync(Protocol):
+    """What the step and recovery need of any sync layer."""
+
+    def before_update(self) -> None: ...
+
+    def after_update(self, done: int) -> list: ...
+
+    def reset_error_feedback(self) -> None:
+        """A replica of this stage changed: error feedback restarts with a dense round."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class DDPSync:
@@ -37,6 +54,10 @@ class DDPSync:
 
     def after_update(self, done: int) -> list[int]:
         return []
+
+    def reset_error_feedback(self) -> None:
+        if self.ef:
+            self.ef.reset()
 
     def state_dict(self) -> dict:
         return {"ef": self.ef.state_dict() if self.ef else None}
@@ -65,6 +86,10 @@ class OuterSync:
             average_in_place_(self.params, self.comm, self.group, CROSS, self.n)
             synced = [*synced, "average"]
         return synced
+
+    def reset_error_feedback(self) -> None:
+        for ef in getattr(self.outer, "ef", None) or ():
+            ef.reset()
 
     def state_dict(self) -> dict:
         return self.outer.state_dict()

@@ -4,9 +4,12 @@ Layout: <root>/step_<N>/ holds the DCP shards of every stage's model and optimiz
 names, so a checkpoint re-shards onto another stage split; optimizer hyper-parameters come from the
 config, only its per-parameter state is saved), one `extra-r<replica>s<stage>.pt` per rank
 (RNG, loader position, step) and `manifest.json` (step and the sha256 of every file). Everything is
-written into `.tmp-step_<N>/` and renamed in one step once the manifest is on disk, so a crash during
-a save never leaves a checkpoint that looks valid; a file that no longer matches its checksum marks
-the checkpoint corrupt and the previous one is used.
+written into `.tmp-step_<N>-g<generation>/` and renamed in one step once the manifest is on disk, so a crash
+during a save never leaves a checkpoint that looks valid, and a save abandoned by an ended generation (its
+thread may still be writing) never mixes with the next one; a file that no longer matches its checksum marks
+the checkpoint corrupt and the previous one is used. Older checkpoints are deleted only after their successor
+is sealed, and keep=0 keeps them all. Every wait is pollable (`Comm`), so a peer dying mid-save ends the
+generation within one poll instead of the group timeout.
 """
 from __future__ import annotations
 
@@ -20,7 +23,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dist.comm import GenerationLost
+from recovery import hooks
+
 MANIFEST = "manifest.json"
+SALVAGE = "salvage"
 
 
 class CheckpointError(RuntimeError):
@@ -54,36 +63,97 @@ def extra_name(slot: tuple[int, ...]) -> str:
 
 
 def save(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, ...], keep: int,
-         replicas_differ: bool) -> str:
+         replicas_differ: bool, comm, gen: int = 0, fence=lambda: None) -> str:
     """Collective over the default group: every rank writes its shards, rank 0 seals and renames.
 
     Weights live under `replica<r>.`: replicas that may differ (DiLoCo, NoLoCo) each save their own;
-    identical replicas (DDP) all save as replica 0, which DCP writes once.
+    identical replicas (DDP) all save as replica 0, which DCP writes once. `fence()` raises when this
+    worker's generation has ended: rank 0 calls it just before sealing.
     """
-    final, tmp = step_dir(root, step), os.path.join(root, f".tmp-step_{step:08d}")
+    final, tmp = step_dir(root, step), os.path.join(root, f".tmp-step_{step:08d}-g{gen}")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
+    comm.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     namespace = f"replica{slot[0] if replicas_differ else 0}"
-    dcp.save({namespace: {"model": model_sd, "optim": optim_sd["state"]}}, checkpoint_id=tmp)
+    try:
+        comm.blocking(lambda: dcp.save({namespace: {"model": model_sd, "optim": optim_sd["state"]}},
+                                       checkpoint_id=tmp), "checkpoint save")
+    except (RuntimeError, CheckpointException) as err:  # DCP's collectives failed: a peer died during the save
+        if comm.abort is None or isinstance(err, GenerationLost):
+            raise
+        raise GenerationLost(f"checkpoint save failed: {str(err).splitlines()[0][:120]}", True) from None
     torch.save(extra, os.path.join(tmp, extra_name(slot)))
-    dist.barrier()
+    hooks.at("saving", step=step, rank=dist.get_rank())
+    comm.barrier()
     if dist.get_rank() == 0:
-        files = sorted(f for f in os.listdir(tmp) if f != MANIFEST)
-        manifest = {"step": step, "files": {f: _sha256(os.path.join(tmp, f)) for f in files}}
-        with open(os.path.join(tmp, MANIFEST), "w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(root)[keep:]:
+        fence()
+        seal(root, tmp, final, step)
+        for old in list_checkpoints(root)[keep:] if keep > 0 else ():  # keep=0: keep every checkpoint
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        for name in os.listdir(root):  # saves abandoned by ended generations
+            if name.startswith(".tmp-step_") and os.path.join(root, name) != tmp:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        shutil.rmtree(os.path.join(root, SALVAGE), ignore_errors=True)  # a sealed checkpoint supersedes them
+    comm.barrier()
     return final
+
+
+def seal(root: str, tmp: str, final: str, step: int) -> None:
+    """Write the manifest and rename the folder into place (a step sealed before stays as it was)."""
+    files = sorted(f for f in os.listdir(tmp) if f != MANIFEST)
+    manifest = {"step": step, "files": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+    with open(os.path.join(tmp, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if os.path.isdir(final):
+        try:
+            verify(final)
+            shutil.rmtree(tmp, ignore_errors=True)  # the same step, already sealed by an earlier generation
+            return
+        except CheckpointError:
+            shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+
+
+def salvage(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int, ...]) -> str:
+    """This rank's own state at `step`, written without any collective (the coordinator died while no world
+    existed to agree in): <root>/salvage/step_<N>/<extra name>. `choose` takes a set of them that covers every
+    stage (and lane) at one step, newer than the newest sealed checkpoint, as a checkpoint of its own."""
+    folder = os.path.join(root, SALVAGE, f"step_{step:08d}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, extra_name(slot))
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "extra": extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # complete or absent
+    return path
+
+
+def salvage_step(folder: str) -> int | None:
+    """The step of a complete salvage set (every stage and lane of the grid present), or None."""
+    slots, grid = set(), None
+    for name in os.listdir(folder):
+        if not name.endswith(".pt"):
+            continue
+        try:
+            extra = torch.load(os.path.join(folder, name), weights_only=False)["extra"]
+        except Exception:  # an unreadable file counts as absent
+            continue
+        slots.add((extra["stages"], extra.get("lanes", 1), *parse_extra_name(name)[1:]))
+        grid = (extra["stages"], extra.get("lanes", 1))
+    if grid and all((*grid, s, ln) in slots for s in range(grid[0]) for ln in range(grid[1])):
+        return int(os.path.basename(folder).split("_")[1])
+    return None
+
+
+def parse_extra_name(name: str) -> tuple[int, int, int]:
+    """extra-r<r>s<s>[l<l>].pt -> (replica, stage, lane)."""
+    body = name.removeprefix("extra-r").removesuffix(".pt")
+    replica, _, rest = body.partition("s")
+    stage, _, lane = rest.partition("l")
+    return int(replica), int(stage), int(lane or 0)
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -96,6 +166,11 @@ def list_checkpoints(root: str) -> list[str]:
 
 def verify(path: str) -> int:
     """The checkpoint's step, or CheckpointError naming what is wrong with it."""
+    if os.path.basename(os.path.dirname(path)) == SALVAGE:
+        step = salvage_step(path)
+        if step is None:
+            raise CheckpointError(f"salvaged states in {path} do not cover every stage: resume from a sealed checkpoint")
+        return step
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is partial (a save was interrupted)")
@@ -122,27 +197,55 @@ def choose(root: str, resume: str, log) -> str | None:
     if resume != "latest":
         verify(resume)
         return resume
+    sealed, sealed_step = None, -1
     for path in list_checkpoints(root):
         try:
-            verify(path)
-            return path
+            sealed, sealed_step = path, verify(path)
+            break
         except CheckpointError as err:
             log(f"skipping bad checkpoint: {err}; trying the previous one")
-    return None
+    folder = os.path.join(root, SALVAGE)
+    for name in sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else ():
+        step = salvage_step(os.path.join(folder, name))
+        if step is not None and step > sealed_step:
+            return os.path.join(folder, name)  # newer than every sealed checkpoint: the ranks' own saves
+    return sealed
 
 
-def load(path: str, model, optimizer, slot: tuple[int, ...]) -> dict:
+def load(path: str, model, optimizer, slot: tuple[int, ...], comm, grace_s: float = 0.0) -> dict:
     """Load this rank's stage (re-sharded by parameter name) and optimizer from its replica's weights, or
-    replica 0's when the checkpoint has none of its own; returns its extra state (or {})."""
+    replica 0's when the checkpoint has none of its own; returns its extra state (or {}). A failure while the
+    generation ends (the abort flag is set within grace_s) is a lost generation, any other a bad checkpoint."""
+    if os.path.basename(os.path.dirname(path)) == SALVAGE:
+        return load_salvaged(path, model, optimizer, slot)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
         saved = {k.split(".", 1)[0] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata}
-        namespace = f"replica{slot[0]}" if f"replica{slot[0]}" in saved else "replica0"
-        state = {namespace: {"model": model_sd, "optim": optim_sd["state"]}}
-        dcp.load(state, checkpoint_id=path)
     except Exception as err:  # DCP raises many types; name the checkpoint and the cause
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {str(err).splitlines()[0]}") from None
+    namespace = f"replica{slot[0]}" if f"replica{slot[0]}" in saved else "replica0"
+    state = {namespace: {"model": model_sd, "optim": optim_sd["state"]}}
+    try:
+        comm.blocking(lambda: dcp.load(state, checkpoint_id=path), "checkpoint load")
+    except GenerationLost:
+        raise
+    except (Exception, CheckpointException) as err:  # DCP raises many types; name the checkpoint and the cause
+        if comm.abort is not None and comm.abort.wait(grace_s):
+            raise GenerationLost(f"checkpoint load failed: {str(err).splitlines()[0][:120]}", True) from None
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(err).splitlines()[0]}") from None
     set_state_dict(model, optimizer, model_state_dict=state[namespace]["model"],
                    optim_state_dict={"state": state[namespace]["optim"], "param_groups": optim_sd["param_groups"]})
     extra = os.path.join(path, extra_name(slot))
     return torch.load(extra, weights_only=False) if os.path.exists(extra) else {}
+
+
+def load_salvaged(folder: str, model, optimizer, slot: tuple[int, ...]) -> dict:
+    """This slot's salvaged state, or the same stage and lane of another replica (identical under DDP)."""
+    lane = slot[2] if len(slot) > 2 else 0
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".pt") and parse_extra_name(n)[1:] == (slot[1], lane))
+    mine = extra_name(slot)
+    name = mine if mine in names else names[0]
+    state = torch.load(os.path.join(folder, name), weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return state["extra"]

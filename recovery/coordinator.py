@@ -1,6 +1,9 @@
 """The run's coordinator: a TCPStore on a stable host plus one loop that decides membership.
 
 Workers say hello (run id + an HMAC of their uid under the shared secret), beat, and follow plans.
+Every state-changing value in the store is signed with the secret (`SignedStore`: HMAC over run id, key
+and value) and every reader verifies it, so a client without the secret cannot admit itself, end a
+generation, forge a plan or finish the run: the bare TCPStore is a transport, not the trust boundary.
 The loop admits or refuses hellos, declares a worker dead when its heartbeat stops (or, on this host,
 when its pid is gone), ends the generation (`epoch` += 1: every worker aborts its step), waits until
 every live member is ready and every free slot has a replacement (or the join timeout passed), and
@@ -25,8 +28,33 @@ from datetime import timedelta
 import torch.distributed as dist
 
 
-def mac(secret: str, run_id: str, uid: str) -> str:
-    return hmac.new(secret.encode(), f"{run_id}/{uid}".encode(), hashlib.sha256).hexdigest()
+def mac(secret: str, run_id: str, message: str) -> str:
+    return hmac.new(secret.encode(), f"{run_id}/{message}".encode(), hashlib.sha256).hexdigest()
+
+
+class SignedStore:
+    """The run's store where every value is `value|HMAC(run id, key, value)`: a value that does not verify
+    (written by a client without the secret) reads as absent. Keys bind the signature, so a signed value
+    cannot be replayed under another key; counters that must not be replayed carry their count in the value."""
+
+    def __init__(self, store, secret: str, run_id: str):
+        self.raw, self.secret, self.run_id = store, secret, run_id
+
+    def _tag(self, key: str, value: str) -> str:
+        return mac(self.secret, self.run_id, f"{key}={value}")[:32]
+
+    def put(self, key: str, value: str) -> None:
+        self.raw.set(key, f"{value}|{self._tag(key, value)}")
+
+    def get(self, key: str) -> str | None:
+        """The verified value, or None when the key is missing or its value is not signed with the secret."""
+        if not has(self.raw, key):
+            return None
+        value, _, tag = self.raw.get(key).decode(errors="replace").rpartition("|")
+        return value if hmac.compare_digest(tag, self._tag(key, value)) else None
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
 
 
 def run_store(host: str, port: int, run_id: str, is_master: bool, timeout_s: float = 10.0):
@@ -46,7 +74,7 @@ class Worker:
     pid: int
     host: str
     beats: int = 0
-    seen: float = field(default_factory=time.monotonic)  # last time its heartbeat counter moved
+    seen: float = field(default_factory=time.monotonic)  # last time its (signed) heartbeat counter moved
 
 
 @dataclass
@@ -66,19 +94,22 @@ class Coordinator:
             raise ValueError(f"join timeout {self.join_timeout_s}s must exceed the heartbeat timeout "
                              f"{self.heartbeat_timeout_s}s (timeouts nest: heartbeat < join)")
         self.server, self.store = run_store(self.host, self.port, self.run_id, is_master=True)
+        self.signed = SignedStore(self.store, self.secret, self.run_id)
         self.workers: dict[str, Worker] = {}
         self.waiting: list[str] = []  # admitted, no slot yet (in arrival order)
         self.members: dict[str, tuple[int, int]] = {}  # uid -> slot in the current (or forming) generation
         self.gen, self.forming, self.since = 0, True, time.monotonic()
         self.hellos = 0
+        self.hello_gap_since = 0.0  # a hello counted but never written (a client without the secret): skipped later
+        self.ticked = 0.0
         self.left: set[str] = set()
         self.previous: set[str] = set()  # members of the last plan (the others in a plan are fresh)
         self.active: list[int] = list(range(self.replicas))  # replicas training in the current generation
         self.hostname = socket.gethostname()
-        self.store.set("run", json.dumps({"replicas": self.replicas, "stages": self.stages,
-                                          "heartbeat_timeout_s": self.heartbeat_timeout_s,
-                                          "join_timeout_s": self.join_timeout_s}))
-        self.store.set("epoch", "1")
+        self.signed.put("run", json.dumps({"replicas": self.replicas, "stages": self.stages,
+                                           "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                                           "join_timeout_s": self.join_timeout_s, "launch": time.time()}))
+        self.signed.put("epoch", "1")
         self.event("coordinator-up", port=self.port)
 
     def event(self, kind: str, **fields) -> None:
@@ -91,22 +122,35 @@ class Coordinator:
     def admit(self) -> None:
         n = int(self.store.add("hello/count", 0))
         while self.hellos < n:
-            self.hellos += 1
-            key = f"hello/{self.hellos}"
+            key = f"hello/{self.hellos + 1}"
             if not has(self.store, key):  # the counter is bumped before the record is written
-                self.hellos -= 1
-                return
+                self.hello_gap_since = self.hello_gap_since or time.monotonic()
+                if time.monotonic() - self.hello_gap_since < 5.0:
+                    return
+                self.event("refused", hello=self.hellos + 1, reason="counted but never written")
+            else:
+                self.read_hello(key)
+            self.hellos, self.hello_gap_since = self.hellos + 1, 0.0
+
+    def read_hello(self, key: str) -> None:
+        try:
             hello = json.loads(self.store.get(key))
-            ok = hmac.compare_digest(hello["mac"], mac(self.secret, self.run_id, hello["uid"]))
-            self.store.set(f"welcome/{hello['uid']}", "ok" if ok else "refused: wrong secret for this run")
-            self.event("hello" if ok else "refused", uid=hello["uid"], host=hello["host"])
-            if ok:
-                self.workers[hello["uid"]] = Worker(hello["uid"], hello["pid"], hello["host"])
-                self.waiting.append(hello["uid"])
+            uid, ok = str(hello["uid"]), hmac.compare_digest(str(hello["mac"]), mac(self.secret, self.run_id, hello["uid"]))
+        except (ValueError, KeyError, TypeError):
+            self.event("refused", key=key, reason="not a hello")
+            return
+        if ok and uid not in self.workers:
+            self.signed.put(f"welcome/{uid}", "ok")
+            self.workers[uid] = Worker(uid, int(hello["pid"]), str(hello["host"]))
+            self.waiting.append(uid)
+            self.event("hello", uid=uid, host=hello["host"])
+        else:
+            self.store.set(f"welcome/{uid}", "refused: wrong secret for this run")
+            self.event("refused", uid=uid, host=hello.get("host"))
 
     def alive(self, w: Worker) -> bool:
-        beats = int(self.store.add(f"hb/{w.uid}", 0))
-        if beats != w.beats:
+        beats = int(self.signed.get(f"hb/{w.uid}") or 0)  # signed counts: a replayed or forged beat does not move it
+        if beats > w.beats:
             w.beats, w.seen = beats, time.monotonic()
         if w.host == self.hostname:
             try:
@@ -120,12 +164,12 @@ class Coordinator:
     def end_generation(self, reason: str, **fields) -> None:
         if not self.forming:
             self.forming, self.since = True, time.monotonic()
-            self.store.set("epoch", str(self.gen + 1))
+            self.signed.put("epoch", str(self.gen + 1))
             self.event("generation-ended", gen=self.gen, reason=reason, **fields)
 
     def check_members(self) -> None:
         for uid in list(self.members):
-            if has(self.store, f"left/{uid}"):  # finished its run cleanly
+            if self.signed.has(f"left/{uid}"):  # finished its run cleanly
                 self.left.add(uid)
                 del self.members[uid]
                 continue
@@ -135,8 +179,9 @@ class Coordinator:
                            silent_s=round(time.monotonic() - self.workers[uid].seen, 3))
                 self.end_generation("lost", uid=uid)
         self.waiting = [u for u in self.waiting if self.alive(self.workers[u])]
-        if not self.forming and int(self.store.add(f"trouble/{self.gen}", 0)) > 0:
-            self.end_generation("reported")  # a worker saw a transfer fail: re-form (the dead are found meanwhile)
+        reporter = next((u for u in self.members if self.signed.has(f"trouble/{self.gen}/{u}")), None)
+        if not self.forming and reporter:
+            self.end_generation("reported", by=reporter)  # a worker saw a transfer fail: re-form (the dead are found meanwhile)
         if not self.forming and self.waiting and len(self.active) < self.replicas:
             self.end_generation("rejoin")  # a replacement for a replica that sits out: bring it back
 
@@ -159,12 +204,20 @@ class Coordinator:
             # no replacement in time: replicas missing a stage sit out (they wait, idle) and the others go on
         gen = self.gen + 1
         plan_members = {u: s for u, s in self.members.items() if s[0] in active}
-        if not all(has(self.store, f"ready/{gen}/{uid}") for uid in plan_members):
+        late = [uid for uid in plan_members if not self.signed.has(f"ready/{gen}/{uid}")]
+        stuck = [uid for uid in late if uid in self.previous]  # members of the last plan (a newcomer is ready at once)
+        if stuck and time.monotonic() - self.since > self.join_timeout_s:
+            for uid in stuck:  # alive but stuck in a phase for longer than any phase may take: its slot is given away
+                slot = self.members.pop(uid)
+                self.event("detect", uid=uid, replica=slot[0], stage=slot[1], reason="not ready")
+            self.since = time.monotonic()
+            return
+        if late:
             return
         plan = {"gen": gen, "members": {u: list(s) for u, s in plan_members.items()}, "active": active,
                 "fresh": [u for u in plan_members if u not in self.previous],  # new, or back from sitting out
                 "idle": [u for u in self.members if u not in plan_members]}
-        self.store.set(f"plan/{gen}", json.dumps(plan))
+        self.signed.put(f"plan/{gen}", json.dumps(plan))
         self.gen, self.forming, self.previous, self.active = gen, False, set(plan_members), active
         self.event("re-formed" if gen > 1 else "formed", gen=gen, fresh=plan["fresh"], active=active,
                    seconds=round(time.monotonic() - self.since, 3))
@@ -173,14 +226,24 @@ class Coordinator:
         """Every worker of the last plan left cleanly (idle ones still waiting are told `finished`)."""
         return bool(self.left) and not (self.previous - self.left)
 
+    def guard(self) -> None:
+        """Undo a client without the secret overwriting the epoch; show waiting workers the loop is alive."""
+        if self.signed.get("epoch") != str(self.gen + 1 if self.forming else self.gen):
+            self.signed.put("epoch", str(self.gen + 1 if self.forming else self.gen))
+            self.event("tampered", key="epoch")
+        if time.monotonic() - self.ticked > 0.5:
+            self.ticked = time.monotonic()
+            self.signed.put("tick", str(self.ticked))
+
     def serve(self, poll_s: float = 0.02, exit_when_done: bool = True) -> None:
         while not (exit_when_done and self.finished()):
             self.admit()
             self.check_members()
             if self.forming:
                 self.try_plan()
+            self.guard()
             time.sleep(poll_s)
-        self.store.set("finished", "1")
+        self.signed.put("finished", "1")
         self.event("run-finished", gen=self.gen)
         time.sleep(2.0)  # spares still waiting read `finished` and leave cleanly
 

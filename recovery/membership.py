@@ -1,4 +1,5 @@
-"""A worker's side of membership: hello to the coordinator, heartbeats, abort on a new epoch, waiting for plans."""
+"""A worker's side of membership: hello to the coordinator, signed heartbeats, abort on a new epoch, fencing,
+waiting for plans. Every value this worker trusts or writes in the store is signed (coordinator.SignedStore)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from recovery.coordinator import has, mac, run_store
+from dist.comm import GenerationLost
+from recovery.coordinator import SignedStore, has, mac, run_store
 
 
 class MembershipError(RuntimeError):
@@ -35,7 +37,9 @@ class Plan:
 
 class Member:
     """This process in the run. `abort` is set when the generation ends (or the coordinator is gone):
-    every wait on a transfer polls it, so a blocked step ends within one poll."""
+    every wait on a transfer polls it, so a blocked step ends within one poll. `check_fence()` raises once
+    this worker's generation has ended: called before every write, so an evicted worker that wakes up
+    (SIGCONT after its slot was given away) appends nothing."""
 
     def __init__(self, address: str, run_id: str, heartbeat_s: float, hello_timeout_s: float = 30.0):
         host, _, port = address.rpartition(":")
@@ -44,14 +48,16 @@ class Member:
         self.abort, self.lost, self._stop = threading.Event(), threading.Event(), threading.Event()
         self.gen = 0
         self._lock = threading.Lock()  # gen and abort change together
+        secret = os.environ.get("FLOTILLA_SECRET", "")
         try:
-            self.raw, self.store = run_store(host, int(port), run_id, is_master=False)
+            raw, store = run_store(host, int(port), run_id, is_master=False)
         except RuntimeError as err:
             raise CoordinatorLost(f"cannot reach the coordinator at {address} ({str(err).splitlines()[0][:80]}): "
                                   f"start it (python -m recovery.coordinator) or fix recovery.coordinator") from None
+        self.raw, self.store, self.signed = raw, store, SignedStore(store, secret, run_id)
         with self._store_errors():
-            self._hello(secret=os.environ.get("FLOTILLA_SECRET", ""), hello_timeout_s=hello_timeout_s)
-            self._beat_store = run_store(host, int(port), run_id, is_master=False)[1]  # the thread's own client
+            self._hello(secret, hello_timeout_s)
+            self._beat_store = SignedStore(run_store(host, int(port), run_id, is_master=False)[1], secret, run_id)
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._thread.start()
 
@@ -71,7 +77,6 @@ class Member:
         address, run_id = self.address, self.run_id
         if not has(self.store, "run"):
             raise MembershipError(f"no run '{run_id}' at the coordinator {address}: check recovery.run_id")
-        self.settings = json.loads(self.store.get("run"))
         i = int(self.store.add("hello/count", 1))
         self.store.set(f"hello/{i}", json.dumps({"uid": self.uid, "mac": mac(secret, run_id, self.uid),
                                                   "pid": os.getpid(), "host": socket.gethostname()}))
@@ -80,16 +85,33 @@ class Member:
             if time.monotonic() > deadline:
                 raise CoordinatorLost(f"the coordinator at {address} did not answer within {hello_timeout_s:.0f}s")
             time.sleep(0.02)
-        answer = self.store.get(f"welcome/{self.uid}").decode()
-        if answer != "ok":
+        if self.signed.get(f"welcome/{self.uid}") != "ok":
+            answer = self.store.get(f"welcome/{self.uid}").decode(errors="replace").rpartition("|")[0] or "refused"
             raise MembershipError(f"refused by the coordinator at {address}: {answer.removeprefix('refused: ')} "
                                   f"(set FLOTILLA_SECRET to the run's secret)")
+        settings = self.signed.get("run")
+        if settings is None:
+            raise MembershipError(f"the run settings at {address} are not signed with this secret: check "
+                                  f"FLOTILLA_SECRET and recovery.run_id")
+        self.settings = json.loads(settings)
+
+    @property
+    def launch(self) -> float:
+        """When the coordinator started: with the generation, it orders every record across relaunches."""
+        return float(self.settings["launch"])
+
+    def epoch(self, store: SignedStore | None = None) -> int:
+        """The coordinator's current epoch (a value not signed with the secret is ignored: reads as unchanged)."""
+        value = (store or self.signed).get("epoch")
+        return int(value) if value is not None else self.gen
 
     def _beat(self) -> None:
+        beats = 0
         while not self._stop.is_set():
             try:
-                self._beat_store.add(f"hb/{self.uid}", 1)
-                epoch = int(self._beat_store.get("epoch"))
+                beats += 1
+                self._beat_store.put(f"hb/{self.uid}", str(beats))
+                epoch = self.epoch(self._beat_store)
             except Exception:  # any store failure: the coordinator is gone
                 self.lost.set()
                 self.abort.set()
@@ -99,35 +121,52 @@ class Member:
                     self.abort.set()
             self._stop.wait(self.heartbeat_s)
 
+    def check_fence(self) -> None:
+        """Raise GenerationLost unless this worker is still a member of the current generation (asks the store)."""
+        try:
+            current = self.epoch() if not self.abort.is_set() else self.gen + 1
+        except RuntimeError:
+            self.lost.set()
+            current = self.gen + 1
+        if current != self.gen:
+            self.abort.set()
+            raise GenerationLost(f"generation {self.gen} has ended (fenced: nothing more is written)", False)
+
     def report_trouble(self) -> None:
         """A transfer failed here: ask the coordinator to end this generation (it finds out who died)."""
         try:
-            self.store.add(f"trouble/{self.gen}", 1)
+            self.signed.put(f"trouble/{self.gen}/{self.uid}", "1")
         except Exception:
             self.lost.set()
 
-    def next_plan(self, timeout_s: float) -> Plan:
+    def next_plan(self, stall_s: float) -> Plan:
         """Say ready for the next generation and wait for a plan that includes this worker. A spare (never a
         member yet) and an idle member (its replica sits out) wait through plans without them; any other
-        member left out was evicted."""
+        member left out was evicted. The wait has its own deadline: it ends only when the coordinator is gone
+        (its store fails) or its loop stopped ticking for stall_s (longer than any phase it waits on)."""
         with self._store_errors():
-            return self._next_plan(timeout_s)
+            return self._next_plan(stall_s)
 
-    def _next_plan(self, timeout_s: float) -> Plan:
+    def _next_plan(self, stall_s: float) -> Plan:
         seen = self.gen
         while True:
             epoch = self._wait_epoch_after(seen)
-            self.store.set(f"ready/{epoch}/{self.uid}", "1")
-            deadline = time.monotonic() + timeout_s
-            while not has(self.store, f"plan/{epoch}") and int(self.store.get("epoch")) == epoch:
+            self.signed.put(f"ready/{epoch}/{self.uid}", "1")
+            tick, ticked = None, time.monotonic()
+            while not self.signed.has(f"plan/{epoch}") and self.epoch() == epoch:
                 self._check_lost()
-                if self.gen and time.monotonic() > deadline:
-                    raise CoordinatorLost(f"no plan for generation {epoch} from {self.address} within {timeout_s:.0f}s")
+                now_tick = self.signed.get("tick")
+                if now_tick != tick:
+                    tick, ticked = now_tick, time.monotonic()
+                elif time.monotonic() - ticked > stall_s:
+                    raise CoordinatorLost(f"the coordinator at {self.address} stopped answering (no plan for "
+                                          f"generation {epoch} and no sign of life for {stall_s:.0f}s)")
                 time.sleep(0.02)
-            if not has(self.store, f"plan/{epoch}"):
+            plan = self.signed.get(f"plan/{epoch}")
+            if plan is None:
                 seen = epoch  # someone died while this generation was forming: the next one
                 continue
-            raw = json.loads(self.store.get(f"plan/{epoch}"))
+            raw = json.loads(plan)
             if self.uid in raw["members"]:
                 with self._lock:
                     self.gen = epoch
@@ -146,9 +185,9 @@ class Member:
     def _wait_epoch_after(self, seen: int) -> int:
         while True:
             self._check_lost()
-            if has(self.store, "finished"):
+            if self.signed.has("finished"):
                 raise RunFinished()
-            epoch = int(self.store.get("epoch"))
+            epoch = self.epoch()
             if epoch > seen:
                 return epoch
             time.sleep(0.02)
@@ -161,6 +200,6 @@ class Member:
         """A clean exit at the end of the run (not a failure)."""
         self._stop.set()
         try:
-            self.store.set(f"left/{self.uid}", "done")
+            self.signed.put(f"left/{self.uid}", "done")
         except Exception:
             pass

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from dist.comm import Comm
 from dist.generation import park
 from dist.topology import Topology
+from recovery.state import RankState
 
 RECOVERY = "recovery"  # link class of recovery traffic in the byte counters
 EDGE_KEYS = {"E": ("embed.weight",), "H": ("norm.weight", "head.weight")}
@@ -98,7 +101,7 @@ def _layers(module) -> list[dict]:
     return [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in module.layers.values()]
 
 
-def payload(method: str, w) -> dict:
+def payload(method: str, w: RankState) -> dict:
     """What a source sends for one fresh slot."""
     if method == "copy":
         return {"module": w.module.state_dict(), "optim": w.optimizer.state_dict(), "lr_scale": w.lr_scale,
@@ -115,7 +118,7 @@ def weight(grad_norm: float, rule: str) -> float:
 
 
 @torch.no_grad()
-def apply(method: str, received: list[dict], w, rule: str, lr_boost: float) -> None:
+def apply(method: str, received: list[dict], w: RankState, rule: str, lr_boost: float) -> None:
     """Install what the sources sent into this fresh rank's stage."""
     if method == "copy":
         got = received[0]
@@ -136,13 +139,19 @@ def apply(method: str, received: list[dict], w, rule: str, lr_boost: float) -> N
     w.lr_scale *= lr_boost  # the paper: the rebuilt stage learns a little faster; its Adam starts fresh
 
 
-def run_transfers(decision: Decision, topo: Topology, w, comm: Comm, rule: str, lr_boost: float) -> str | None:
-    """Every rank creates the same 2-rank groups in the same order, then sources send and fresh ranks apply.
-    Returns this rank's rebuild method if it was rebuilt."""
+def run_transfers(decision: Decision, topo: Topology, w: RankState, comm: Comm, rule: str, lr_boost: float,
+                  form_timeout_s: float, timeout_s: float) -> str | None:
+    """Every rank creates the same 2-rank groups in the same order (each formed within form_timeout_s, then
+    given the full transfer timeout), then sources send and fresh ranks apply. Returns this rank's rebuild
+    method if it was rebuilt."""
     me = (w.replica, w.stage)
     transfers = [(dst, method, src) for dst, method, srcs in decision.sources for src in srcs]
-    groups = [dist.new_group([topo.rank(*src), topo.rank(*dst)]) for dst, _, src in transfers]
+    groups = [dist.new_group([topo.rank(*src), topo.rank(*dst)], timeout=timedelta(seconds=form_timeout_s))
+              for dst, _, src in transfers]
     park(*groups)  # never destroyed on this thread, even if a transfer fails half-way
+    for g in groups:
+        if not c10d._rank_not_in_group(g):
+            c10d._set_pg_timeout(timedelta(seconds=timeout_s), g)
     received, mine = [], None
     for (dst, method, src), group in zip(transfers, groups):
         if src == me:
@@ -156,7 +165,7 @@ def run_transfers(decision: Decision, topo: Topology, w, comm: Comm, rule: str, 
 
 
 @torch.no_grad()
-def refresh_edge_copies(w, comm: Comm, stages: int) -> None:
+def refresh_edge_copies(w: RankState, comm: Comm, stages: int) -> None:
     """CheckFree+: the first stage's embedding goes to stage 1, the last stage's norm and head to stage S-2."""
     if stages < 2:
         return

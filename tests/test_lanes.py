@@ -13,7 +13,7 @@ from dist.lanes import IGNORE, lane_microbatches, plan_batch, segments
 from dist.sp_cost import SPCost
 from dist.sp_planner import PlanError
 from dist.topology import Topology
-from metrics import read_jsonl
+from metrics import read_log
 from tests.procs import run, train_cmd
 
 # Lanes hold 100 tokens: a 128-token document piece needs a group of 2, shorter ones fit on one lane.
@@ -88,13 +88,13 @@ def test_sp_training_equals_training_without_sp(tmp_path):
                      f"data.path={docs}", "data.val_percent=10"]
     ref = str(tmp_path / "ref")
     run(train_cmd(2, *common, f"log.run_dir={ref}"))
-    ref_steps = [r for r in read_jsonl(os.path.join(ref, "metrics.jsonl")) if "loss" in r]
+    ref_steps = [r for r in read_log(os.path.join(ref, "metrics.jsonl")) if "loss" in r]
     ref_state = {s: checkpoint_state(ref, s, tmp_path) for s in (1, 3)}
     for mode in ("adaptive", "static:2"):
         out = str(tmp_path / mode.replace(":", ""))
         proc = run(train_cmd(4, *common, "parallel.lanes=2", f"parallel.sp={mode}", f"log.run_dir={out}"))
         assert f"x 2 lanes (sp {mode})" in proc.stdout
-        steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+        steps = [r for r in read_log(os.path.join(out, "metrics.jsonl")) if "loss" in r]
         assert len(steps) == 3
         for mine, theirs in zip(steps, ref_steps):
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
@@ -126,7 +126,7 @@ def test_lanes_under_diloco_with_ef21_lane_sync_keep_every_rank_identical(tmp_pa
                   "train.batch_size=4", "train.steps=10", "sync.method=diloco", "sync.H=5",
                   "sync.lane_compress=ef21-topk", "sync.ratio=0.1", "log.eval_every=0", "checkpoint.every=0",
                   f"data.cache_dir={corpus_cache}", f"log.run_dir={out}"))
-    digests = [[(r["step"], r["digest"]) for r in read_jsonl(os.path.join(out, "sync", f"rank{k}.jsonl"))]
+    digests = [[(r["step"], r["digest"]) for r in read_log(os.path.join(out, "sync", f"rank{k}.jsonl"))]
                for k in range(4)]
     assert [s for s, _ in digests[0]] == [5, 10] and all(d == digests[0] for d in digests)
     summary = json.load(open(os.path.join(out, "summary.json")))

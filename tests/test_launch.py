@@ -10,7 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from launch.cluster import Cluster, free_port, read_jsonl
+from launch.cluster import Cluster, free_port
+from metrics import read_log
 from tests.procs import ROOT
 from tests.test_train_e2e import scalars
 
@@ -49,7 +50,7 @@ def test_two_torchrun_nodes_on_loopback(tmp_path, corpus_cache):
     assert summary["world_size"] == 4 and summary["steps"] == 10
     assert summary["bytes_sent"]["cross_replica"] > 0 and summary["bytes_sent"]["intra_replica"] > 0
     for r in range(2):  # both replicas trained every step, each on its own samples
-        assert [x["step"] for x in read_jsonl(str(run_dir / "ledger" / f"replica{r}.jsonl"))] == list(range(10))
+        assert [x["step"] for x in read_log(str(run_dir / "ledger" / f"replica{r}.jsonl"))] == list(range(10))
 
 
 @pytest.mark.parametrize("args, says", [
@@ -140,7 +141,7 @@ def test_node_agent_restarts_a_killed_worker_which_rejoins_the_run(agent_run):
     assert [(e["replica"], e["stage"], e["method"]) for e in events if e["event"] == "rebuilt"] == [(1, 0, "copy")]
     assert len({e["step"] for e in events if e["event"] == "resumed"}) == 1  # both ranks resumed at the same step
     for r in range(2):  # replica 1 was back before the join timeout: no step skipped or repeated anywhere
-        steps = [x["step"] for x in read_jsonl(os.path.join(run["run_dir"], "ledger", f"replica{r}.jsonl"))]
+        steps = [x["step"] for x in read_log(os.path.join(run["run_dir"], "ledger", f"replica{r}.jsonl"))]
         assert steps == list(range(30))
 
 

@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
+from tests.faults import fault_env
 from tests.procs import run, torchrun_cmd, train_cmd
-from tests.test_resume import check_identical, final_weights, read_jsonl, run_killed_and_resumed
+from tests.test_resume import check_identical, final_weights, run_killed_and_resumed
+from metrics import read_log
 
 
 def test_ef21_variants_keep_one_g_equal_to_the_mean_of_g_i(tmp_path):
@@ -48,11 +50,11 @@ def test_diloco_replicas_identical_after_every_outer_step(tmp_path, corpus_cache
     run(train_cmd(4, *LOWCOMM, "sync.method=diloco", *extra, f"data.cache_dir={corpus_cache}",
                   f"log.run_dir={run_dir}"))
     for stage in (0, 1):  # ranks: replica-major, so stage s is rank s on replica 0 and 2 + s on replica 1
-        a = read_jsonl(os.path.join(run_dir, "sync", f"rank{stage}.jsonl"))
-        b = read_jsonl(os.path.join(run_dir, "sync", f"rank{2 + stage}.jsonl"))
+        a = read_log(os.path.join(run_dir, "sync", f"rank{stage}.jsonl"))
+        b = read_log(os.path.join(run_dir, "sync", f"rank{2 + stage}.jsonl"))
         assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
         assert [r["digest"] for r in a] == [r["digest"] for r in b]
-    syncs = sum(len(r["fragments"]) for r in read_jsonl(os.path.join(run_dir, "sync", "rank1.jsonl")))
+    syncs = sum(len(r["fragments"]) for r in read_log(os.path.join(run_dir, "sync", "rank1.jsonl")))
     assert summary_of(run_dir)["collectives"]["cross_replica"] == collectives(syncs)  # rank 1 writes the summary
 
 
@@ -90,7 +92,7 @@ def test_ef21_state_resets_to_a_dense_round_when_the_replica_count_changes(tmp_p
     run_dir = str(tmp_path / "run")
     common = [*TINY, "parallel.stages=1", "sync.compress=ef21-topk", f"data.cache_dir={corpus_cache}",
               f"log.run_dir={run_dir}", "train.steps=8"]
-    first = run(train_cmd(2, *common, "parallel.replicas=2", "fault.kill_at_step=6"), check=False)
+    first = run(train_cmd(2, *common, "parallel.replicas=2"), check=False, env=fault_env("step", step=6))
     assert first.returncode != 0
     run(train_cmd(3, *common, "parallel.replicas=3", "checkpoint.resume=latest"))
     assert summary_of(run_dir)["collectives"]["cross_replica"] == 1 + 2 * 2  # steps 5, 6, 7
@@ -108,8 +110,8 @@ def test_noloco_final_average_leaves_one_model(tmp_path, corpus_cache):
                   f"data.cache_dir={corpus_cache}", f"log.run_dir={run_dir}"))
     assert summary_of(run_dir)["collectives"]["cross_replica"] == 1  # the one export all-reduce
     for stage in (0, 1):
-        a = read_jsonl(os.path.join(run_dir, "sync", f"rank{stage}.jsonl"))[-1]
-        b = read_jsonl(os.path.join(run_dir, "sync", f"rank{2 + stage}.jsonl"))[-1]
+        a = read_log(os.path.join(run_dir, "sync", f"rank{stage}.jsonl"))[-1]
+        b = read_log(os.path.join(run_dir, "sync", f"rank{2 + stage}.jsonl"))[-1]
         assert a["step"] == 12 and a["fragments"] == [0, "average"] and a["digest"] == b["digest"]
     weights = final_weights(run_dir, 12, tmp_path)
     for k, t in weights["replica0"]["model"].items():

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from launch.cluster import Cluster, read_jsonl
+from launch.cluster import Cluster
+from metrics import read_log
+from tests.faults import fault_env
 
 TINY = ["model.dim=32", "model.n_layers=6", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64",
         "train.batch_size=4", "parallel.microbatches=2", "train.steps=14", "checkpoint.every=0", "log.eval_every=0",
@@ -31,7 +33,7 @@ def cluster(tmp_path, corpus_cache):
 
 def check_ledger(run_dir, replicas, steps=14):
     for r in range(replicas):
-        got = read_jsonl(os.path.join(run_dir, "ledger", f"replica{r}.jsonl"))
+        got = read_log(os.path.join(run_dir, "ledger", f"replica{r}.jsonl"))
         assert [x["step"] for x in got] == list(range(steps))  # every step exactly once
         samples = [s for x in got for s in x["samples"]]
         assert len(samples) == len(set(samples)) == steps * 4  # nothing repeated, nothing lost
@@ -39,8 +41,7 @@ def check_ledger(run_dir, replicas, steps=14):
 
 def kill_and_replace(c, victims, at_step=6):
     """Start the grid with `victims` (initial ranks) dying mid-step `at_step`; start one replacement per victim."""
-    workers = [c.worker(f"fault.kill_at_step={at_step}", f"fault.kill_ranks={victims}")
-               for _ in range(c.replicas * c.stages)]
+    workers = [c.worker(env=fault_env("step", step=at_step, grid_rank_in=victims)) for _ in range(c.replicas * c.stages)]
     c.wait_for(lambda: sum(p.poll() is not None for p in workers) == len(victims), what="the victims to die")
     assert sorted(p.returncode for p in workers if p.poll() is not None) == [-signal.SIGKILL] * len(victims)
     replacements = [c.worker() for _ in victims]
@@ -65,8 +66,8 @@ def test_interior_stage_of_two_replicas_is_copied_and_run_is_bitwise_unchanged(c
 
     whole = cluster("whole", 2, 3)
     assert whole.wait_all([whole.worker() for _ in range(6)]) == [0] * 6
-    losses = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(c.run_dir, "metrics.jsonl")) if "loss" in r]
-    expected = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(whole.run_dir, "metrics.jsonl")) if "loss" in r]
+    losses = [(r["step"], r["loss"]) for r in read_log(os.path.join(c.run_dir, "metrics.jsonl")) if "loss" in r]
+    expected = [(r["step"], r["loss"]) for r in read_log(os.path.join(whole.run_dir, "metrics.jsonl")) if "loss" in r]
     assert losses == expected and len(losses) == 14  # the replayed step and all after it: bitwise the same
     a, b = final_weights(c.run_dir, tmp_path), final_weights(whole.run_dir, tmp_path)
     for k in a["replica0"]["model"]:
@@ -80,7 +81,7 @@ def test_first_and_last_stage_rebuilt_by_checkfree_plus(cluster):
     got = sorted((e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt"))
     assert got == [(0, 0, "checkfree+"), (1, 2, "checkfree+")]
     check_ledger(c.run_dir, 2)
-    losses = [r["loss"] for r in read_jsonl(os.path.join(c.run_dir, "metrics.jsonl")) if "loss" in r]
+    losses = [r["loss"] for r in read_log(os.path.join(c.run_dir, "metrics.jsonl")) if "loss" in r]
     assert all(x == x for x in losses) and losses[-1] < losses[0]  # finite, and still learning after the rebuild
 
 
@@ -93,7 +94,7 @@ def test_one_replica_interior_stage_rebuilt_by_checkfree(cluster):
     kill = c.events("detect")[0]["t"]
     assert max(e["t"] for e in resumed) - kill < 5.0  # detect -> resumed, with a replacement started at once
     check_ledger(c.run_dir, 1)
-    lrs = {r["step"]: r["lr"] for r in read_jsonl(os.path.join(c.run_dir, "metrics.jsonl")) if "lr" in r}
+    lrs = {r["step"]: r["lr"] for r in read_log(os.path.join(c.run_dir, "metrics.jsonl")) if "lr" in r}
     assert lrs[5] < lrs[6]  # warm-up; the logger (stage 2) was not rebuilt, so no boost visible here
 
 
@@ -135,12 +136,12 @@ def test_dead_coordinator_gives_a_checkpoint_and_a_clear_error(cluster):
     assert len(saved) == 1 and saved[0].startswith("step_")
     step = int(saved[0].split("_")[1])
     assert 5 <= step < 400
-    assert [r["step"] for r in read_jsonl(os.path.join(c.run_dir, "ledger", "replica0.jsonl"))] == list(range(step))
+    assert [r["step"] for r in read_log(os.path.join(c.run_dir, "ledger", "replica0.jsonl"))] == list(range(step))
 
 
 def test_replica_without_replacement_sits_out_and_rejoins_later(cluster):
-    c = cluster("degraded", 2, 2, "train.steps=200", heartbeat_timeout=1.5, join_timeout=3.0)
-    workers = [c.worker("fault.kill_at_step=6", "fault.kill_ranks=[2]") for _ in range(4)]  # replica 1, stage 0
+    c = cluster("degraded", 2, 2, "train.steps=200", "recovery.phase_margin_s=1", heartbeat_timeout=1.5, join_timeout=3.0)
+    workers = [c.worker(env=fault_env("step", step=6, grid_rank=2)) for _ in range(4)]  # replica 1, stage 0
     c.wait_for(lambda: any(e.get("active") == [0] for e in c.events("re-formed")), what="replica 1 to sit out")
     at = c.steps_done()
     c.wait_for(lambda: c.steps_done() >= at + 3, what="replica 0 training alone")
@@ -150,6 +151,6 @@ def test_replica_without_replacement_sits_out_and_rejoins_later(cluster):
     assert back and len(back[-1]["fresh"]) == 2  # the replacement and replica 1's stage 1, which sat out
     assert sorted((e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")) == [(1, 0, "copy"), (1, 1, "copy")]
     check_ledger(c.run_dir, 1, steps=200)  # replica 0 never stopped
-    steps = [x["step"] for x in read_jsonl(os.path.join(c.run_dir, "ledger", "replica1.jsonl"))]
+    steps = [x["step"] for x in read_log(os.path.join(c.run_dir, "ledger", "replica1.jsonl"))]
     assert steps[:6] == list(range(6)) and steps == sorted(set(steps)) and steps[-1] == 199
     assert 6 not in steps  # while it sat out its share of those batches was skipped (the global batch shrank)

@@ -4,7 +4,8 @@ import os
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from metrics import read_jsonl
+from metrics import read_log
+from tests.faults import fault_env
 from tests.procs import run, train_cmd
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64",
@@ -21,9 +22,9 @@ def final_weights(run_dir, step, tmp_path):
 def run_killed_and_resumed(tmp_path, cache, nproc, topo):
     killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
     common = TINY + topo + [f"data.cache_dir={cache}"]
-    crashed = run(train_cmd(nproc, *common, f"log.run_dir={killed}", "fault.kill_at_step=7"), check=False)
+    crashed = run(train_cmd(nproc, *common, f"log.run_dir={killed}"), check=False, env=fault_env("step", step=7))
     assert crashed.returncode != 0  # really died, mid-step 7 (after the step-5 checkpoint)
-    ledger_before = read_jsonl(os.path.join(killed, "ledger", "replica0.jsonl"))
+    ledger_before = read_log(os.path.join(killed, "ledger", "replica0.jsonl"))
     # steps 5, 6 ran but were never checkpointed; step 7 had taken its samples when it died
     assert [r["step"] for r in ledger_before] == list(range(8))
     resumed = run(train_cmd(nproc, *common, f"log.run_dir={killed}", "checkpoint.resume=latest"))
@@ -33,12 +34,12 @@ def run_killed_and_resumed(tmp_path, cache, nproc, topo):
 
 
 def check_identical(tmp_path, killed, whole, replicas):
-    losses = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(killed, "metrics.jsonl"))]
-    expected = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(whole, "metrics.jsonl"))]
+    losses = [(r["step"], r["loss"]) for r in read_log(os.path.join(killed, "metrics.jsonl"))]
+    expected = [(r["step"], r["loss"]) for r in read_log(os.path.join(whole, "metrics.jsonl"))]
     assert losses == expected and len(losses) == 12  # bitwise: floats compared exactly
     for r in range(replicas):
-        got = read_jsonl(os.path.join(killed, "ledger", f"replica{r}.jsonl"))
-        want = read_jsonl(os.path.join(whole, "ledger", f"replica{r}.jsonl"))
+        got = read_log(os.path.join(killed, "ledger", f"replica{r}.jsonl"))
+        want = read_log(os.path.join(whole, "ledger", f"replica{r}.jsonl"))
         assert [x["step"] for x in got] == list(range(12))
         assert got == want
         samples = [s for x in got for s in x["samples"]]
@@ -71,7 +72,7 @@ def test_resuming_a_finished_run_trains_nothing_and_exits_cleanly(tmp_path, corp
     run(train_cmd(1, *common))
     again = run(train_cmd(1, *common, "checkpoint.resume=latest"))
     assert "resumed from" in again.stdout and "step_00000012" in again.stdout
-    assert [r["step"] for r in read_jsonl(os.path.join(run_dir, "ledger", "replica0.jsonl"))] == list(range(12))
+    assert [r["step"] for r in read_log(os.path.join(run_dir, "ledger", "replica0.jsonl"))] == list(range(12))
 
 
 def test_checkpoint_from_three_stages_resumes_on_two(tmp_path, corpus_cache):
@@ -82,8 +83,8 @@ def test_checkpoint_from_three_stages_resumes_on_two(tmp_path, corpus_cache):
     run(train_cmd(3, *common, "parallel.stages=3", "train.steps=5", f"log.run_dir={three}"))
     resumed = run(train_cmd(2, *common, "parallel.stages=2", f"log.run_dir={three}", "checkpoint.resume=latest"))
     assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
-    got = [r["loss"] for r in read_jsonl(os.path.join(three, "metrics.jsonl")) if "loss" in r]
-    want = [r["loss"] for r in read_jsonl(os.path.join(whole, "metrics.jsonl")) if "loss" in r]
+    got = [r["loss"] for r in read_log(os.path.join(three, "metrics.jsonl")) if "loss" in r]
+    want = [r["loss"] for r in read_log(os.path.join(whole, "metrics.jsonl")) if "loss" in r]
     assert len(got) == len(want) == 8
     # the same model, only split differently (all 8 steps are inside the 30-step warm-up, so the shorter
     # first run has the same learning rates)

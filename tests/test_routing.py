@@ -30,7 +30,8 @@ def test_routing_under_ddp_trains_the_same_model(tmp_path, corpus_cache):
 
     from tests.procs import run, train_cmd
     from tests.test_lowcomm_dist import LOWCOMM
-    from tests.test_resume import final_weights, read_jsonl
+    from metrics import read_log
+    from tests.test_resume import final_weights
 
     plain, routed = str(tmp_path / "plain"), str(tmp_path / "routed")
     common = [*LOWCOMM, "train.steps=6", f"data.cache_dir={corpus_cache}"]
@@ -40,9 +41,9 @@ def test_routing_under_ddp_trains_the_same_model(tmp_path, corpus_cache):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
     for r in (0, 1):  # routing moves activations, not the samples each replica's loader consumes
-        assert read_jsonl(f"{plain}/ledger/replica{r}.jsonl") == read_jsonl(f"{routed}/ledger/replica{r}.jsonl")
-    losses_plain = [x["loss"] for x in read_jsonl(f"{plain}/metrics.jsonl")]
-    losses_routed = [x["loss"] for x in read_jsonl(f"{routed}/metrics.jsonl")]
+        assert read_log(f"{plain}/ledger/replica{r}.jsonl") == read_log(f"{routed}/ledger/replica{r}.jsonl")
+    losses_plain = [x["loss"] for x in read_log(f"{plain}/metrics.jsonl")]
+    losses_routed = [x["loss"] for x in read_log(f"{routed}/metrics.jsonl")]
     assert losses_plain != losses_routed  # replica 0's last stage really saw other micro-batches
 
 

@@ -14,7 +14,8 @@ import torch
 from config import ConfigError, WanConfig, load_config
 from dist.comm import CROSS, Comm
 from launch.cluster import free_port
-from metrics import read_jsonl
+from metrics import read_jsonl, read_log
+from tests.faults import fault_env
 from tests.procs import ROOT, run, torchrun_cmd, train_cmd
 from tests.test_bad_input import one_line_error
 
@@ -91,9 +92,9 @@ def free_port_pair() -> int:
                 continue
 
 
-def start_site(args: list[str], out: str) -> subprocess.Popen:
+def start_site(args: list[str], out: str, env: dict | None = None) -> subprocess.Popen:
     """A site: one torchrun group in its own process group (so the whole site can be killed at once)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(out + ".out", "w") as fo, open(out + ".err", "w") as fe:
         return subprocess.Popen(torchrun_cmd(2, "train.py", *args), cwd=ROOT, env=env, stdout=fo, stderr=fe,
                                 start_new_session=True)
@@ -118,7 +119,7 @@ def test_two_sites_agree_after_every_outer_step_and_one_survives_the_other(tmp_p
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     site_a = start_site([*common, "wan.site=0", f"wan.port={port}", f"wan.identity_path={key}", f"log.run_dir={a}"], a)
     site_b = start_site([*common, "wan.site=1", f"wan.initial_peers=[/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}]",
-                         "fault.kill_at_step=12", f"log.run_dir={b}"], b)
+                         f"log.run_dir={b}"], b, env=fault_env("step", step=12))
     try:
         assert site_b.wait(timeout=240) != 0  # its ranks killed themselves
         kill_site(site_b)  # and the rest of the site: torchrun, the DHT nodes, averagers and p2p daemons
@@ -131,8 +132,8 @@ def test_two_sites_agree_after_every_outer_step_and_one_survives_the_other(tmp_p
         wan_b = read_jsonl(os.path.join(b, "wan", f"rank{stage}.jsonl"))
         assert [(r["step"], r["group"]) for r in wan_a] == [(5, [0, 1]), (10, [0, 1]), (15, [0]), (20, [0])]
         assert [(r["step"], r["group"]) for r in wan_b] == [(5, [0, 1]), (10, [0, 1])]
-        sync_a = read_jsonl(os.path.join(a, "sync", f"rank{stage}.jsonl"))
-        sync_b = read_jsonl(os.path.join(b, "sync", f"rank{stage}.jsonl"))
+        sync_a = read_log(os.path.join(a, "sync", f"rank{stage}.jsonl"))
+        sync_b = read_log(os.path.join(b, "sync", f"rank{stage}.jsonl"))
         assert [r["step"] for r in sync_a] == [5, 10, 15, 20] and [r["step"] for r in sync_b] == [5, 10]
         assert [r["digest"] for r in sync_a[:2]] == [r["digest"] for r in sync_b], stage  # the same bits
     err = open(a + ".err").read()
