@@ -5,9 +5,13 @@ runtime's (recovery/runtime.py).
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: c10d's expected-failure warnings carry
+# a 20-line C++ stack each; our errors are one line (set TORCH_CPP_LOG_LEVEL=INFO to see them when debugging)
+
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass

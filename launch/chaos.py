@@ -1,6 +1,7 @@
 """Chaos launcher: run a job on this machine, SIGKILL random workers at a failure rate, start replacements.
 
   python launch/chaos.py --replicas 2 --stages 3 --rate 10 [--mode recovery|restart] [train.py overrides ...]
+  python launch/chaos.py --random --faults 15 --seed 0 [--baseline] [train.py overrides ...]   (launch/chaos_random.py)
 
 Failure model (CheckFree's, with "an hour" replaced by 100 training steps): every stage fails within 100
 steps with probability rate %, i.e. with p = 1 - (1 - rate/100)^(1/100) per executed step (replayed steps
@@ -179,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--join-timeout", type=float, default=60.0)
     ap.add_argument("--max-restarts", type=int, default=100, help="restart mode: give up after this many")
     ap.add_argument("--run-dir", default="runs/chaos")
+    ap.add_argument("--random", action="store_true", help="faults of every kind at random moments (chaos_random.py)")
+    ap.add_argument("--faults", type=int, default=15, help="random: how many faults to inject")
+    ap.add_argument("--mean-gap", type=float, default=10.0, help="random: mean seconds between faults (exponential)")
+    ap.add_argument("--max-replace-delay", type=float, default=5.0, help="random: replacements start 0..this s later")
+    ap.add_argument("--steps", type=int, default=600, help="random: train.steps")
+    ap.add_argument("--run-id", default="flotilla", help="random: recovery.run_id (the intruder writes under it)")
+    ap.add_argument("--baseline", action="store_true", help="random: also run failure-free and compare the loss")
     args, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.run_dir, exist_ok=True)
     if "FLOTILLA_SECRET" not in os.environ:
         os.environ["FLOTILLA_SECRET"] = os.urandom(16).hex()  # the launcher owns the run: a fresh secret
+    if args.random:
+        from launch import chaos_random
+        return chaos_random.main(args, overrides)
     t0 = time.time()
     code, executed = (run_recovery if args.mode == "recovery" else run_restart)(args, overrides)
     summary = {"mode": args.mode, "rate": args.rate, "exit": code, "started": t0, "seconds": round(time.time() - t0, 2),

@@ -53,22 +53,30 @@ class Cluster:
                 **(extra or {})}
 
     def start(self) -> "Cluster":
-        log = open(os.path.join(self.run_dir, "coordinator.log"), "w")
+        starts = sum(name.startswith("coordinator") for name in os.listdir(self.run_dir))
+        log = open(os.path.join(self.run_dir, f"coordinator{starts or ''}.log"), "w")
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "recovery.coordinator", "--host", "127.0.0.1", "--port", str(self.port),
              "--replicas", str(self.replicas), "--stages", str(self.stages), "--heartbeat-timeout",
              str(self.heartbeat_timeout), "--join-timeout", str(self.join_timeout), "--events", self.events_path],
             cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not any(e["event"] == "coordinator-up" for e in read_jsonl(self.events_path)):
+        deadline, ups = time.monotonic() + 30, len(self.events("coordinator-up"))
+        while len(self.events("coordinator-up")) <= ups:
             if self.coordinator.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"coordinator did not start: {open(log.name).read()[-2000:]}")
             time.sleep(0.05)
         return self
 
+    def restart_coordinator(self) -> "Cluster":
+        """A new coordinator on a new port after the old one died; workers started from now on use it."""
+        old = f"recovery.coordinator=127.0.0.1:{self.port}"
+        self.port = free_port()
+        self.overrides = [f"recovery.coordinator=127.0.0.1:{self.port}" if o == old else o for o in self.overrides]
+        return self.start()
+
     def worker(self, *extra: str, secret: str | None = None, env: dict | None = None) -> subprocess.Popen:
         """One more worker process; `env` adds variables (a test's fault injection: tests/faults.py)."""
-        i = len(self.workers)
+        i = sum(name.startswith("worker") for name in os.listdir(self.run_dir))
         log = open(os.path.join(self.run_dir, f"worker{i}.log"), "w")
         proc = subprocess.Popen(worker_cmd(*self.overrides, *extra), cwd=ROOT,
                                 env=self.env(secret, env), stdout=log, stderr=subprocess.STDOUT)

@@ -14,11 +14,14 @@ generation; all live under `flotilla/<run_id>/`.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads (see train.py)
+
 import argparse
 import hashlib
 import hmac
 import json
-import os
 import socket
 import sys
 import time
@@ -99,8 +102,9 @@ class Coordinator:
         self.waiting: list[str] = []  # admitted, no slot yet (in arrival order)
         self.members: dict[str, tuple[int, int]] = {}  # uid -> slot in the current (or forming) generation
         self.gen, self.forming, self.since = 0, True, time.monotonic()
-        self.hellos = 0
-        self.hello_gap_since = 0.0  # a hello counted but never written (a client without the secret): skipped later
+        self.hellos = 0  # every hello up to this one is handled
+        self.hellos_done: set[int] = set()  # handled hellos after a gap
+        self.hellos_missing: dict[int, float] = {}  # counted, not written yet: since when
         self.ticked = 0.0
         self.left: set[str] = set()
         self.previous: set[str] = set()  # members of the last plan (the others in a plan are fresh)
@@ -120,17 +124,22 @@ class Coordinator:
                 fh.write(line + "\n")
 
     def admit(self) -> None:
-        n = int(self.store.add("hello/count", 0))
-        while self.hellos < n:
-            key = f"hello/{self.hellos + 1}"
-            if not has(self.store, key):  # the counter is bumped before the record is written
-                self.hello_gap_since = self.hello_gap_since or time.monotonic()
-                if time.monotonic() - self.hello_gap_since < 5.0:
-                    return
-                self.event("refused", hello=self.hellos + 1, reason="counted but never written")
-            else:
-                self.read_hello(key)
-            self.hellos, self.hello_gap_since = self.hellos + 1, 0.0
+        """Hellos in any order; one counted but never written (a client without the secret) is dropped after 5 s
+        without holding up those after it."""
+        n, now = int(self.store.add("hello/count", 0)), time.monotonic()
+        for i in range(self.hellos + 1, n + 1):
+            if i in self.hellos_done:
+                continue
+            if has(self.store, f"hello/{i}"):
+                self.read_hello(f"hello/{i}")
+                self.hellos_done.add(i)
+            elif now - self.hellos_missing.setdefault(i, now) > 5.0:
+                self.event("refused", hello=i, reason="counted but never written")
+                self.hellos_done.add(i)
+        while self.hellos + 1 in self.hellos_done:
+            self.hellos += 1
+            self.hellos_done.discard(self.hellos)
+            self.hellos_missing.pop(self.hellos, None)
 
     def read_hello(self, key: str) -> None:
         try:

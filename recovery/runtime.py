@@ -270,8 +270,8 @@ def run_generations(cfg: Config, train: TrainLoop) -> RankState:
         try:
             hooks.at("plan", gen=member.gen)
             plan = member.next_plan(stall_s=max(phase_s, 10.0))
-        except CoordinatorLost as err:
-            raise salvage_and_stop(w, err) from None
+        except CoordinatorLost:
+            raise salvage_and_stop(w) from None
         t_gen = time.monotonic()
         try:
             w = form(cfg, plan, member, w, backend, device, corpus, phase_s)
@@ -311,15 +311,17 @@ def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: 
 
 
 def my_info(w: RankState, fresh: bool) -> RankInfo:
-    """What this rank tells the others when they agree on a state."""
-    return RankInfo(w.replica, w.stage, fresh, w.committed + w.applied, w.undo is not None, w.grad_norm)
+    """What this rank tells the others when they agree on a state. A rank that never completed an agreement
+    (new, or its rebuild was cut short by the next failure) is fresh whatever the plan says: it holds nothing."""
+    return RankInfo(w.replica, w.stage, fresh or not w.has_state, w.committed + w.applied, w.undo is not None,
+                    w.grad_norm)
 
 
 def take_back(w: RankState, decision: Decision) -> None:
     """Go to the agreed step: undo this rank's last update if it was ahead."""
     if (w.replica, w.stage) in decision.undo:
         snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
-    w.committed = decision.target
+    w.committed, w.applied, w.undo = decision.target, False, None
 
 
 def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -> None:
@@ -348,7 +350,7 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
                                    phase_s, cfg.parallel.timeout_s)
             if any(slot[1] == w.stage for slot, _, _ in decision.sources):
                 w.sync.reset_error_feedback()  # a replica of this stage changed: a dense round first
-    w.applied, w.undo = False, None
+    w.applied, w.undo, w.has_state = False, None, True
     w.loader.step = w.committed
     if w.rank == 0:
         w.fence()
@@ -360,6 +362,8 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
         if cfg.recovery.swap:
             refresh_edge_copies(w, w.comm, topo.stages)
         w.comm.barrier()  # every rank has rolled its files back before any records a new step
+    if first_start and resumed_from and w.log.is_logger:
+        w.log.event("resumed", gen=gen, step=w.committed, checkpoint=resumed_from)
     if not first_start:
         if method:
             w.log.event("rebuilt", gen=gen, replica=w.replica, stage=w.stage, method=method)
@@ -417,25 +421,26 @@ def save_and_stop(w: RankState | None) -> None:
             w.log.rollback(w.committed, w.generation_id)
         path = save_checkpoint(w, w.committed)
     except (GenerationLost, RuntimeError):
-        raise salvage_and_stop(w, CoordinatorLost(f"{where} and the workers could not agree on a final checkpoint"))
+        raise salvage_and_stop(w) from None  # could not agree: every rank keeps its own state
     finally:
         timer.cancel()
     raise CoordinatorLost(f"{where}; saved {path} at step {w.committed}: restart the coordinator and relaunch the "
                           f"workers with checkpoint.resume=latest")
 
 
-def salvage_and_stop(w: RankState | None, err: CoordinatorLost) -> CoordinatorLost:
+def salvage_and_stop(w: RankState | None) -> CoordinatorLost:
     """The coordinator is gone with no world to agree in (it died while a generation formed): every rank saves
     its own state at its committed step, without collectives; a later start assembles a checkpoint from a set
     that covers every stage at one step (checkpoint.choose). Returns the one-line error to raise."""
-    if w is None:
-        return CoordinatorLost(f"{err}: restart the coordinator and relaunch the workers with checkpoint.resume=latest")
+    where = f"the coordinator{' at ' + w.cfg.recovery.coordinator if w else ''} is gone"
+    if w is None or not w.has_state:
+        return CoordinatorLost(f"{where}: restart it and relaunch the workers with checkpoint.resume=latest")
     if w.applied and w.undo:  # the in-flight step's update is not committed: take it back
         snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
     w.applied, w.undo = False, None
     w.loader.step = w.committed
     path = checkpoint.salvage(w.ckpt_root, w.committed, w.module, w.optimizer, checkpoint_extra(w, w.committed),
                               (w.replica, w.stage, w.lane))
-    return CoordinatorLost(f"{str(err).split(':')[0]}; saved this rank's state at step {w.committed} ({path}): "
+    return CoordinatorLost(f"{where}; saved this rank's state at step {w.committed} ({path}): "
                            f"restart the coordinator and relaunch the workers with checkpoint.resume=latest")
 

@@ -50,6 +50,7 @@ class RankState:
     lr_scale: float = 1.0  # CheckFree raises it on a rebuilt stage
     grad_norm: float = 0.0  # this stage's own last gradient norm (CheckFree's weight)
     edge_copy: dict = field(default_factory=dict)  # CheckFree+: a neighbour's (de)embedding, kept for recovery
+    has_state: bool = False  # holds an agreed state: set when a generation's agreement completes on this rank
     committed: int = 0  # steps whose every transfer succeeded here
     applied: bool = False  # the in-flight step's update is already in the weights
     undo: dict | None = None  # the state before the last update (recovery on)

@@ -1,8 +1,9 @@
 """Fault injection for worker processes, installed by a test (never by a normal run).
 
-A test starts workers with `fault_env(point, action, **match)` in their environment: train.py then calls
-`install`, which hooks the named point (recovery/hooks.py) and acts there when every given field matches,
-once: "kill" is SIGKILL, "stop" is SIGSTOP (the test sends SIGCONT), "raise" raises RuntimeError.
+A test starts workers with `fault_env(point, action, **match)` in their environment (several combined with
+`faults_env`): train.py then calls `install`, which hooks the named points (recovery/hooks.py) and acts where
+every given field matches (a key ending in _in: the value is one of a list), each fault once: "kill" is
+SIGKILL, "stop" is SIGSTOP (the test sends SIGCONT), "raise" raises RuntimeError.
 """
 import json
 import os
@@ -12,27 +13,35 @@ ENV = "FLOTILLA_FAULT"
 
 
 def fault_env(point: str, action: str = "kill", **match) -> dict:
-    return {"FLOTILLA_HOOKS": "tests.faults:install", ENV: json.dumps({"point": point, "action": action, **match})}
+    return faults_env({"point": point, "action": action, **match})
+
+
+def faults_env(*specs: dict) -> dict:
+    return {"FLOTILLA_HOOKS": "tests.faults:install", ENV: json.dumps(list(specs))}
+
+
+def matches(spec: dict, where: dict) -> bool:
+    for key, want in spec.items():
+        have = where.get(key.removesuffix("_in"))
+        if (key.endswith("_in") and have not in want) or (not key.endswith("_in") and have != want):
+            return False
+    return True
 
 
 def install(register) -> None:
-    spec = json.loads(os.environ[ENV])
-    point, action = spec.pop("point"), spec.pop("action")
-    fired = []
+    pending = json.loads(os.environ[ENV])
 
     def hook(at: str, where: dict) -> None:
-        if fired or at != point:
-            return
-        for key, want in spec.items():
-            have = where.get(key.removesuffix("_in"))
-            if (key.endswith("_in") and have not in want) or (not key.endswith("_in") and have != want):
-                return
-        fired.append(at)
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
-        else:
-            raise RuntimeError(f"injected fault at {at} {where}")
+        for spec in list(pending):
+            match = {k: v for k, v in spec.items() if k not in ("point", "action")}
+            if spec["point"] != at or not matches(match, where):
+                continue
+            pending.remove(spec)
+            if spec["action"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif spec["action"] == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            else:
+                raise RuntimeError(f"injected fault at {at} {where}")
 
     register(hook)

@@ -4,31 +4,15 @@ import os
 import signal
 import time
 
-import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from launch.cluster import Cluster
 from metrics import read_log
 from tests.faults import fault_env
 
 TINY = ["model.dim=32", "model.n_layers=6", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64",
         "train.batch_size=4", "parallel.microbatches=2", "train.steps=14", "checkpoint.every=0", "log.eval_every=0",
         "log.log_every=2", "train.threads=1"]
-
-
-@pytest.fixture
-def cluster(tmp_path, corpus_cache):
-    made = []
-
-    def make(name, replicas, stages, *overrides, **kw):
-        c = Cluster(str(tmp_path / name), replicas, stages, [*TINY, f"data.cache_dir={corpus_cache}", *overrides], **kw)
-        made.append(c)
-        return c.start()
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def check_ledger(run_dir, replicas, steps=14):
