@@ -165,6 +165,7 @@ class RunLog:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.tb:
+            self.fence()
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
                 if k in ("train/loss", "val/loss") and self.tokens_per_step:
@@ -173,6 +174,7 @@ class RunLog:
     def comm_scalars(self, step: int, comm) -> None:
         """This rank's bytes sent and collective calls so far, per link class."""
         if self.tb_comm:
+            self.fence()
             for link, b in comm.totals().items():
                 self.tb_comm.add_scalar(f"comm/bytes_{link}", b, step)
                 self.tb_comm.add_scalar(f"comm/collectives_{link}", comm.calls.get(link, 0), step)

@@ -30,7 +30,7 @@ from dist.groups import sp_ranges  # noqa: E402
 from dist.sp_cost import fit, fit_measured  # noqa: E402
 from launch.cluster import torchrun_cmd  # noqa: E402
 from model.llama import Block, document_mask, rope_tables  # noqa: E402
-from train import model_config  # noqa: E402
+from recovery.state import model_config  # noqa: E402
 
 
 def lane_inputs(cfg, s: int, d: int, i: int):

@@ -30,7 +30,7 @@ def plain_loop(overrides: list[str], steps: int) -> float:
     from data.dataset import load_corpus
     from data.loader import ReplicaLoader
     from model.stages import build_stage, token_loss_sum
-    from train import model_config
+    from recovery.state import model_config
 
     cfg = load_config(SINGLE + overrides)
     corpus = load_corpus(cfg.data)

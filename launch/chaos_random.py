@@ -243,8 +243,7 @@ class RandomChaos:
         restores = [e for e in events if e["event"] == "resumed" and e.get("checkpoint")]
         rebuilt = sorted({e["method"] for e in events if e["event"] == "rebuilt"})
         stall, stall_start = self.progress.longest_stall(time.time())
-        restore_in_stall = any(stall_start <= e["t"] <= stall_start + stall for e in restores) or any(
-            f["kind"] == "coordinator" for f in self.faults)
+        restore_in_stall = any(stall_start <= e["t"] <= stall_start + stall for e in restores)
         summary_path = os.path.join(args.run_dir, "summary.json")
         val = json.load(open(summary_path))["val_loss"] if os.path.exists(summary_path) else None
         return {"seed": args.seed, "seconds": round(time.time() - t0, 1), "faults": len(self.faults),

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from model.stages import Stage, build_stage
 from optim.inner import build_optimizer
 from optim.sync import Sync
 from recovery.membership import Member
+
+if TYPE_CHECKING:
+    from optim.wan import SitePeer  # imports hivemind: only runs across sites load it
 
 
 @dataclass
@@ -42,7 +46,7 @@ class RankState:
     launch: float = 0.0  # when the run (its coordinator, or rank 0 of a torchrun job) started
     groups: Groups | None = None
     sync: Sync | None = None
-    wan: object = None  # this rank's hivemind peer (optim.wan.SitePeer), when sites exchange over it
+    wan: SitePeer | None = None  # this rank's hivemind peer, when sites exchange over it (sync.transport=hivemind)
     lane_sync: Sync | None = None  # gradient averaging across the lanes of this stage (lanes > 1)
     lane_runner: LaneRunner | None = None  # runs this lane's sequence shards, Ulysses attention in SP groups
     sp_cost: SPCost | None = None  # the planner's cost model (lanes > 1)

@@ -9,7 +9,7 @@ from dist.pipeline import swap_route
 from model.stages import build_stage
 from recovery.rebuild import RankInfo, apply, decide, weight
 from tests.tiny import tiny_model_config
-from train import check_timeouts
+from recovery.runtime import check_timeouts
 
 
 def info(r, s, fresh=False, step=10, undo=True, g=1.0):
@@ -79,6 +79,7 @@ def test_timeouts_must_nest():
     cfg = load_config(["parallel.timeout_s=100", "recovery.heartbeat_s=0.5"])
     good = {"heartbeat_timeout_s": 2.0, "join_timeout_s": 30.0, "replicas": 2, "stages": 2}
     check_timeouts(cfg, good)
-    for bad in ({**good, "heartbeat_timeout_s": 1.0}, {**good, "join_timeout_s": 200.0}, {**good, "replicas": 3}):
+    for bad in ({**good, "heartbeat_timeout_s": 1.0}, {**good, "join_timeout_s": 200.0}, {**good, "replicas": 3},
+                {**good, "join_timeout_s": 6.0}):  # the phase margin (5 s) must fit between heartbeat and join
         with pytest.raises(ConfigError):
             check_timeouts(cfg, bad)
