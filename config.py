@@ -347,9 +347,9 @@ def validate_recovery(cfg: Config) -> None:
     host, _, port = r.coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"recovery.coordinator='{r.coordinator}' is not host:port, e.g. recovery.coordinator=10.0.0.1:29400")
-    if cfg.sync.method != "ddp":
-        raise ConfigError(f"recovery with sync.method={cfg.sync.method} is not supported yet (replicas drift between "
-                          f"outer steps, so a rollback target is not defined): use sync.method=ddp or no recovery.coordinator")
+    if cfg.sync.transport != "torch":
+        raise ConfigError("recovery.coordinator with sync.transport=hivemind is not supported yet: each site runs its "
+                          "own torchrun job; use sync.transport=torch or no recovery.coordinator")
     if r.rebuild not in ("auto", "checkfree", "checkpoint"):
         raise ConfigError(f"recovery.rebuild='{r.rebuild}': choose auto, checkfree or checkpoint")
     if r.checkfree_weight not in ("grad_norm", "grad_norm_sq", "uniform"):

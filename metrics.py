@@ -144,14 +144,15 @@ class RunLog:
             self.ledger.write(json.dumps({"step": step, "samples": sample_ids, "gen": self.gen}) + "\n")
             self.ledger.flush()
 
-    def record_sync(self, step: int, fragments: list, params, comm) -> None:
+    def record_sync(self, step: int, fragments: list, params, comm, moved: float = 0.0) -> None:
         """An outer step: which fragments (and "average" for a final average), this rank's weights digest
-        (replicas compare it), bytes so far."""
+        (replicas compare it), how far the outer step moved the weights (L2), bytes so far."""
         digest = 0
         for p in params:
             digest = zlib.crc32(p.detach().cpu().numpy().tobytes(), digest)
         self.fence()
-        self.sync.write(json.dumps({"step": step, "fragments": fragments, "digest": digest, "bytes": comm.totals(),
+        self.sync.write(json.dumps({"step": step, "fragments": fragments, "digest": digest, "moved": moved,
+                                    "bytes": comm.totals(),
                                     "collectives": dict(comm.calls), "gen": self.gen}) + "\n")
         self.sync.flush()
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads: c10d's expected-failure warnings carry
-# a 20-line C++ stack each; our errors are one line (set TORCH_CPP_LOG_LEVEL=INFO to see them when debugging)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # before torch loads: c10d logs every expected failure (a
+# dead peer, a gone store) with a 20-line C++ stack; ours are one line (TORCH_CPP_LOG_LEVEL=INFO shows them again)
 
 import json
 import math
@@ -124,7 +124,7 @@ def train(w: RankState) -> None:
 
         # the step is committed: record it
         if synced:
-            w.log.record_sync(done, synced, params, w.comm)
+            w.log.record_sync(done, synced, params, w.comm, w.sync.outer_update_norm())
         w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm,
                           **(log_plan(w, done, work.plan, seconds) if work.plan else {}))
         loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1

@@ -32,7 +32,8 @@ from launch.cluster import Cluster
 from metrics import read_jsonl, read_log
 
 KINDS = {"kill": 4, "long-stop": 2, "short-stop": 2, "reform-kill": 2, "save-kill": 2, "coordinator": 1, "intruder": 2}
-EXPECTED_EXIT_LINES = ("is not in generation", "is gone", "stopped answering")  # evicted, or the coordinator died
+EXPECTED_EXIT_LINES = ("is not in generation", "is gone", "stopped answering",  # evicted, or the coordinator died
+                       "cannot reach the coordinator")  # a replacement started just before the coordinator died
 
 
 @dataclass

@@ -43,9 +43,16 @@ class DiLoCo:
         self.params = [p for _, p in named_params]
         self.members = [[i for i, (name, _) in enumerate(named_params) if fragment_of(name, self.P) == f]
                         for f in range(self.P)]
+        self.ef = ef  # one error-feedback state per fragment (fragments differ in size)
+        self.restart_from_weights()
+
+    def restart_from_weights(self) -> None:
+        """Outer state from the weights as they are now: anchor = weights, momentum = 0, a dense EF round."""
         self.anchor = [p.detach().clone().float() for p in self.params]
         self.momentum = [torch.zeros_like(a) for a in self.anchor]
-        self.ef = ef  # one error-feedback state per fragment (fragments differ in size)
+        self.last_update_norm = 0.0  # ||anchor change|| of the latest outer step (all fragments synced then)
+        for e in self.ef or ():
+            e.reset()
 
     def due(self, done: int) -> list[int]:
         """Fragments whose sync falls after `done` completed inner steps: fragment f at f H / P + k H."""
@@ -57,6 +64,7 @@ class DiLoCo:
     def after_update(self, done: int) -> list[int]:
         """Run the outer step for every fragment due now; returns the fragments synced."""
         synced = self.due(done)
+        moved = 0.0
         for f in synced:
             idx = self.members[f]
             anchors, moms = [self.anchor[i] for i in idx], [self.momentum[i] for i in idx]
@@ -68,17 +76,26 @@ class DiLoCo:
             else:
                 avg = mean_over_group(delta, self.precision, self.comm, self.group, self.link, self.n)
             for a, m, d in zip(anchors, moms, _unflatten_dense_tensors(avg, anchors)):
+                before = a.clone()
                 nesterov_step(a, m, d, self.lr, self.mu, self.nesterov)
+                moved += float((a - before).square().sum())
             for i in idx:
                 self.params[i].copy_(self.anchor[i])
+        if synced:
+            self.last_update_norm = moved ** 0.5
         return synced
 
     def state_dict(self) -> dict:
         return {"anchor": self.anchor, "momentum": self.momentum,
                 "ef": [e.state_dict() for e in self.ef] if self.ef else None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, same_group: bool = True) -> None:
+        """Anchor and outer momentum (the same on every replica of a stage, so valid for any replica count);
+        error feedback only when the group is the one it was saved in (else a dense round)."""
         self.anchor, self.momentum = state["anchor"], state["momentum"]
-        if state.get("ef") and self.ef:
+        if state.get("ef") and self.ef and same_group:
             for e, s in zip(self.ef, state["ef"]):
                 e.load_state_dict(s)
+        else:
+            for e in self.ef or ():
+                e.reset()

@@ -63,8 +63,13 @@ class NoLoCo:
         self.params, self.H, self.alpha, self.beta, self.gamma = params, H, alpha, beta, gamma
         self.replica, self.replicas, self.seed, self.comm, self.pair_links = replica, replicas, seed, comm, pair_links
         self.transport = transport
-        self.phi = _flatten_dense_tensors([p.detach().float() for p in params]).clone()
+        self.restart_from_weights()
+
+    def restart_from_weights(self) -> None:
+        """Slow weights = the weights as they are now, outer momentum 0."""
+        self.phi = _flatten_dense_tensors([p.detach().float() for p in self.params]).clone()
         self.delta = torch.zeros_like(self.phi)
+        self.last_update_norm = 0.0  # ||delta|| applied at the latest outer step
 
     @torch.no_grad()
     def after_update(self, done: int) -> list[int]:
@@ -84,10 +89,11 @@ class NoLoCo:
                 peer_phi, peer_Delta = theirs.split(self.phi.numel())
             noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
         copy_flat_(self.params, self.phi)
+        self.last_update_norm = float(self.delta.norm())
         return [0]
 
     def state_dict(self) -> dict:
         return {"phi": self.phi, "delta": self.delta}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, same_group: bool = True) -> None:
         self.phi, self.delta = state["phi"], state["delta"]

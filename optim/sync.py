@@ -29,9 +29,17 @@ class Sync(Protocol):
     def reset_error_feedback(self) -> None:
         """A replica of this stage changed: error feedback restarts with a dense round."""
 
+    def restart_from_weights(self) -> None:
+        """No saved outer state fits: take it from the weights as they are (DiLoCo's anchor = weights and
+        momentum = 0, NoLoCo's slow weights = weights); error feedback restarts with a dense round."""
+
+    def outer_update_norm(self) -> float:
+        """How far the latest outer step moved this rank's weights (0 for per-step sync)."""
+
     def state_dict(self) -> dict: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict, same_group: bool = True) -> None:
+        """same_group=False: saved with another replica count, so group-bound state (error feedback) is dropped."""
 
 
 class DDPSync:
@@ -59,12 +67,20 @@ class DDPSync:
         if self.ef:
             self.ef.reset()
 
+    def restart_from_weights(self) -> None:
+        self.reset_error_feedback()
+
+    def outer_update_norm(self) -> float:
+        return 0.0
+
     def state_dict(self) -> dict:
         return {"ef": self.ef.state_dict() if self.ef else None}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.ef and state.get("ef"):
+    def load_state_dict(self, state: dict, same_group: bool = True) -> None:
+        if self.ef and state.get("ef") and same_group:
             self.ef.load_state_dict(state["ef"])
+        else:
+            self.reset_error_feedback()
 
 
 class OuterSync:
@@ -88,14 +104,20 @@ class OuterSync:
         return synced
 
     def reset_error_feedback(self) -> None:
-        for ef in getattr(self.outer, "ef", None) or ():
+        for ef in getattr(self.outer, "ef", None) or ():  # NoLoCo has none
             ef.reset()
+
+    def restart_from_weights(self) -> None:
+        self.outer.restart_from_weights()
+
+    def outer_update_norm(self) -> float:
+        return self.outer.last_update_norm
 
     def state_dict(self) -> dict:
         return self.outer.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.outer.load_state_dict(state)
+    def load_state_dict(self, state: dict, same_group: bool = True) -> None:
+        self.outer.load_state_dict(state, same_group)
 
 
 def _error_feedback(cfg: SyncConfig, seed: int, comm: Comm, group, n: int, compress: str | None = None,

@@ -214,7 +214,8 @@ def choose(root: str, resume: str, log) -> str | None:
 
 def load(path: str, model, optimizer, slot: tuple[int, ...], comm, grace_s: float = 0.0) -> dict:
     """Load this rank's stage (re-sharded by parameter name) and optimizer from its replica's weights, or
-    replica 0's when the checkpoint has none of its own; returns its extra state (or {}). A failure while the
+    replica 0's when the checkpoint has none of its own; returns its extra state (its replica's, else replica
+    0's of the same stage, else {}; a checkpoint saved with another stage split has none). A failure while the
     generation ends (the abort flag is set within grace_s) is a lost generation, any other a bad checkpoint."""
     if os.path.basename(os.path.dirname(path)) == SALVAGE:
         return load_salvaged(path, model, optimizer, slot)
@@ -235,8 +236,11 @@ def load(path: str, model, optimizer, slot: tuple[int, ...], comm, grace_s: floa
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(err).splitlines()[0]}") from None
     set_state_dict(model, optimizer, model_state_dict=state[namespace]["model"],
                    optim_state_dict={"state": state[namespace]["optim"], "param_groups": optim_sd["param_groups"]})
-    extra = os.path.join(path, extra_name(slot))
-    return torch.load(extra, weights_only=False) if os.path.exists(extra) else {}
+    lane = slot[2] if len(slot) > 2 else 0
+    for name in (extra_name(slot), extra_name((0, slot[1], lane))):  # a replica new to this run: replica 0's state
+        if os.path.exists(os.path.join(path, name)):
+            return torch.load(os.path.join(path, name), weights_only=False)
+    return {}
 
 
 def load_salvaged(folder: str, model, optimizer, slot: tuple[int, ...]) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # before torch loads (see train.py)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # before torch loads (see train.py)
 
 import argparse
 import hashlib

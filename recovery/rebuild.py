@@ -3,7 +3,9 @@
 Every rank gathers every rank's `RankInfo` and computes the same `Decision` (pure function, tested on its
 own): the step everyone resumes from, and for each fresh (replacement) slot where its stage comes from,
 tried in order:
-  copy        the same stage of another replica (weights and Adam state: exact for DDP)
+  copy        the same stage of another replica (weights, Adam and sync state: exact for DDP; under DiLoCo the
+              outer state is exact and the replica's local progress on that stage since the last outer step
+              is replaced by the source replica's)
   checkfree   an interior stage = neighbours' layers averaged with weights from their last gradient norms
   checkfree+  an edge stage = its neighbour's layers (which learned to stand in on swapped micro-batches)
               plus the neighbour's copy of the embedding / output head
@@ -103,9 +105,9 @@ def _layers(module) -> list[dict]:
 
 def payload(method: str, w: RankState) -> dict:
     """What a source sends for one fresh slot."""
-    if method == "copy":
+    if method == "copy":  # with the sync state: DiLoCo's anchor and outer momentum are the same on every replica
         return {"module": w.module.state_dict(), "optim": w.optimizer.state_dict(), "lr_scale": w.lr_scale,
-                "edge_copy": w.edge_copy, "grad_norm": w.grad_norm}
+                "edge_copy": w.edge_copy, "grad_norm": w.grad_norm, "sync": w.sync.state_dict()}
     out = {"layers": _layers(w.module), "grad_norm": w.grad_norm}
     if method == "checkfree+":
         out["edge"] = w.edge_copy  # the (de)embedding this neighbour keeps for the lost edge stage
@@ -124,6 +126,7 @@ def apply(method: str, received: list[dict], w: RankState, rule: str, lr_boost: 
         got = received[0]
         w.module.load_state_dict(got["module"])
         w.optimizer.load_state_dict(got["optim"])
+        w.sync.load_state_dict(got["sync"], same_group=False)  # error feedback restarts with a dense round
         w.lr_scale, w.edge_copy, w.grad_norm = got["lr_scale"], got["edge_copy"], got["grad_norm"]
         return
     weights = [weight(r["grad_norm"], rule) for r in received]
@@ -137,6 +140,7 @@ def apply(method: str, received: list[dict], w: RankState, rule: str, lr_boost: 
             if name in params:  # a middle stage of 3 keeps both edges' copies
                 params[name].copy_(t)
     w.lr_scale *= lr_boost  # the paper: the rebuilt stage learns a little faster; its Adam starts fresh
+    w.sync.restart_from_weights()  # DiLoCo / NoLoCo: the outer state starts from the rebuilt weights
 
 
 def run_transfers(decision: Decision, topo: Topology, w: RankState, comm: Comm, rule: str, lr_boost: float,

@@ -146,10 +146,15 @@ def load_checkpoint(w: RankState, path: str, step: int, grace_s: float = 0.0) ->
     w.loader.load_state_dict(extra.get("loader", {"step": step}))
     if "rng" in extra:
         torch.set_rng_state(extra["rng"])
-    if extra.get("sync") is not None and extra.get("replicas") == w.topo.replicas:
-        w.sync.load_state_dict(extra["sync"])  # else: fresh sync state (EF21's reset rule: a dense round)
-    if w.lane_sync and extra.get("lane_sync") is not None and extra.get("lanes") == w.topo.lanes:
-        w.lane_sync.load_state_dict(extra["lane_sync"])
+    # Outer state: restored from the saved state (any replica's: DiLoCo's is the same on all), error feedback only
+    # for the same replica count (else a dense round); with none saved, taken from the loaded weights - never
+    # the initial weights the sync layer was built from
+    if extra.get("sync") is not None and extra.get("stages", w.topo.stages) == w.topo.stages:
+        w.sync.load_state_dict(extra["sync"], same_group=extra.get("replicas") == w.topo.replicas)
+    else:
+        w.sync.restart_from_weights()
+    if w.lane_sync and extra.get("lane_sync") is not None:
+        w.lane_sync.load_state_dict(extra["lane_sync"], same_group=extra.get("lanes") == w.topo.lanes)
     w.lr_scale, w.edge_copy = extra.get("lr_scale", 1.0), extra.get("edge_copy", {})
 
 

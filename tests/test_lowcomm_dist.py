@@ -116,3 +116,33 @@ def test_noloco_final_average_leaves_one_model(tmp_path, corpus_cache):
     weights = final_weights(run_dir, 12, tmp_path)
     for k, t in weights["replica0"]["model"].items():
         assert torch.equal(t, weights["replica1"]["model"][k]), k
+
+
+@pytest.mark.parametrize("method", ["diloco", "noloco"])
+def test_resume_with_another_replica_count_continues_from_the_trained_model(tmp_path, corpus_cache, method):
+    """Killed after the step-30 checkpoint and resumed with 2 -> 1 and 1 -> 2 replicas: the outer state comes
+    from the saved one (a new replica takes replica 0's) or from the loaded weights, never from the initial
+    weights, so the first outer step after the resume moves the weights no more than a normal one does (from
+    the initial weights it would move them by all 35 steps of training at once)."""
+    from tests.test_resume import TINY
+    common = [*TINY, "parallel.stages=1", f"sync.method={method}", "sync.H=5", "train.steps=40",
+              "optim.warmup_steps=5", "checkpoint.every=30", f"data.cache_dir={corpus_cache}"]
+
+    def moved(run_dir, rank=0):
+        return {r["step"]: r["moved"] for r in read_log(os.path.join(run_dir, "sync", f"rank{rank}.jsonl"))}
+
+    ref = str(tmp_path / "ref")
+    run(train_cmd(2, *common, "parallel.replicas=2", f"log.run_dir={ref}"))
+    normal = moved(ref)
+    assert sorted(normal) == list(range(5, 41, 5)) and min(normal.values()) > 0
+    for before, after in ((2, 1), (1, 2)):
+        run_dir = str(tmp_path / f"{before}to{after}")
+        first = run(train_cmd(before, *common, f"parallel.replicas={before}", f"log.run_dir={run_dir}"), check=False,
+                    env=fault_env("step", step=31))
+        assert first.returncode != 0
+        run(train_cmd(after, *common, f"parallel.replicas={after}", f"log.run_dir={run_dir}",
+                      "checkpoint.resume=latest"))
+        for rank in range(after):
+            resumed = moved(run_dir, rank)
+            assert sorted(resumed) == list(range(5 if rank < before else 35, 41, 5))
+            assert resumed[35] <= 1.5 * max(normal.values()), (before, after, rank, resumed, normal)
