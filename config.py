@@ -350,6 +350,10 @@ def validate_recovery(cfg: Config) -> None:
     if cfg.sync.transport != "torch":
         raise ConfigError("recovery.coordinator with sync.transport=hivemind is not supported yet: each site runs its "
                           "own torchrun job; use sync.transport=torch or no recovery.coordinator")
+    if cfg.sync.method == "diloco" and cfg.sync.fragments > 1:
+        raise ConfigError("recovery.coordinator with streaming DiLoCo (sync.fragments > 1) is not supported yet (a "
+                          "replica that loses a stage rewinds to one outer step shared by the whole stage): set "
+                          "sync.fragments=1")
     if r.rebuild not in ("auto", "checkfree", "checkpoint"):
         raise ConfigError(f"recovery.rebuild='{r.rebuild}': choose auto, checkfree or checkpoint")
     if r.checkfree_weight not in ("grad_norm", "grad_norm_sq", "uniform"):

@@ -33,7 +33,7 @@ from recovery import hooks, snapshot
 from recovery.checkpoint import CheckpointError
 from recovery.membership import MembershipError, RunFinished
 from recovery.rebuild import refresh_edge_copies
-from recovery.runtime import close, run, save_checkpoint
+from recovery.runtime import close, keep_outer_snapshot, run, save_checkpoint
 from recovery.state import RankState
 
 
@@ -119,6 +119,8 @@ def train(w: RankState) -> None:
         if cfg.recovery.swap and done % cfg.recovery.edge_copy_every == 0:
             refresh_edge_copies(w, w.comm, topo.stages)
         w.committed, w.applied = done, False
+        if synced:
+            keep_outer_snapshot(w, done)  # DiLoCo / NoLoCo under recovery: the point a replica rewinds to
         seconds = time.perf_counter() - t0
         meter.add(seconds)
 

@@ -58,10 +58,11 @@ def noloco_step(phi: torch.Tensor, delta: torch.Tensor, mean_phi: torch.Tensor, 
 
 class NoLoCo:
     def __init__(self, params: list[torch.nn.Parameter], H: int, alpha: float, beta: float, gamma: float,
-                 replica: int, replicas: int, seed: int, comm, pair_links: dict, transport=None):
+                 replica: int, members: tuple[int, ...], seed: int, comm, pair_links: dict, transport=None):
+        """members: the replicas in this generation (one that sits out is not paired with)."""
         check_bounds(alpha, beta, gamma)
         self.params, self.H, self.alpha, self.beta, self.gamma = params, H, alpha, beta, gamma
-        self.replica, self.replicas, self.seed, self.comm, self.pair_links = replica, replicas, seed, comm, pair_links
+        self.replica, self.members, self.seed, self.comm, self.pair_links = replica, members, seed, comm, pair_links
         self.transport = transport
         self.restart_from_weights()
 
@@ -81,10 +82,10 @@ class NoLoCo:
             mean_phi, mean_Delta = self.transport.pair_mean(mine, done).split(self.phi.numel())
             noloco_step(self.phi, self.delta, mean_phi, mean_Delta, self.alpha, self.beta, self.gamma)
         else:
-            peer = partners(self.replicas, self.seed, done // self.H)[self.replica]
+            peer = partners(len(self.members), self.seed, done // self.H)[self.members.index(self.replica)]
             peer_phi = peer_Delta = None
             if peer is not None:
-                link = self.pair_links[peer]
+                link = self.pair_links[self.members[peer]]
                 theirs = self.comm.exchange(mine, link.group, link.peer, link.kind)
                 peer_phi, peer_Delta = theirs.split(self.phi.numel())
             noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)

@@ -136,8 +136,9 @@ def build_lane_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, co
 
 
 def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, replica: int, replicas: int,
-               stage: int, seed: int, total_steps: int, transport=None) -> DDPSync | OuterSync:
-    """transport: the hivemind peer that carries diloco/noloco's outer exchange between sites (optim/wan.py)."""
+               stage: int, seed: int, total_steps: int, transport=None, members: tuple[int, ...] = ()) -> Sync:
+    """transport: the hivemind peer that carries diloco/noloco's outer exchange between sites (optim/wan.py);
+    members: the replicas in this generation (default: all `replicas`)."""
     params = list(module.parameters())
     stage_seed = seed * 7919 + stage  # the same on every replica of this stage (Rand-K's shared index set)
     ef = cfg.compress != "none"
@@ -150,6 +151,6 @@ def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: C
         outer = DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov,
                        cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas, transport)
     else:
-        outer = NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, replicas, seed, comm,
-                       groups.replica_pairs, transport)
+        outer = NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, members or tuple(range(replicas)), seed,
+                       comm, groups.replica_pairs, transport)
     return OuterSync(outer, params, total_steps if cfg.final_average else None, comm, groups.stage, replicas)

@@ -10,6 +10,13 @@ tried in order:
   checkfree+  an edge stage = its neighbour's layers (which learned to stand in on swapped micro-batches)
               plus the neighbour's copy of the embedding / output head
   checkpoint  every rank reloads the latest checkpoint (or restarts from scratch without one)
+
+DiLoCo and NoLoCo replicas meet only at outer steps, so they do not share a step to roll back to; each replica
+resumes on its own (`decide_per_replica`). A replica that lost a stage rewinds to the last outer step and
+replays its inner steps with the same data: its survivors restore their own snapshot of that step, the lost
+stage takes another replica's snapshot of it ("rewind": DiLoCo's anchor and outer momentum are the same on
+every replica, so the weights are exact; the inner Adam moments are the source replica's). The other replicas
+go on from their own committed step and wait for it at the next outer step.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from torch.distributed import distributed_c10d as c10d
 from dist.comm import Comm
 from dist.generation import park
 from dist.topology import Topology
+from recovery import snapshot
 from recovery.state import RankState
 
 RECOVERY = "recovery"  # link class of recovery traffic in the byte counters
@@ -38,15 +46,22 @@ class RankInfo:
     state_step: int  # steps whose update is in this rank's weights
     can_undo: bool  # holds the state before its last update
     grad_norm: float  # its stage's own last gradient norm (CheckFree's weight)
+    outer_step: int = -1  # step of its snapshot at the last outer step (DiLoCo / NoLoCo; -1: none)
+    applied: bool = False  # the last update is in the weights but its step did not finish (the sync after it)
+
+    @property
+    def done(self) -> int:
+        """Steps this rank finished."""
+        return self.state_step - self.applied
 
     def pack(self) -> torch.Tensor:
-        return torch.tensor([self.replica, self.stage, self.fresh, self.state_step, self.can_undo, self.grad_norm],
-                            dtype=torch.float64)
+        return torch.tensor([self.replica, self.stage, self.fresh, self.state_step, self.can_undo, self.grad_norm,
+                             self.outer_step, self.applied], dtype=torch.float64)
 
     @staticmethod
     def unpack(t: torch.Tensor) -> "RankInfo":
-        r, s, f, step, undo, g = t.tolist()
-        return RankInfo(int(r), int(s), bool(f), int(step), bool(undo), g)
+        r, s, f, step, undo, g, outer, applied = t.tolist()
+        return RankInfo(int(r), int(s), bool(f), int(step), bool(undo), g, int(outer), bool(applied))
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,11 @@ class Decision:
     undo: tuple[tuple[int, int], ...]  # slots that take back their last update
     sources: tuple[tuple[tuple[int, int], str, tuple[tuple[int, int], ...]], ...]  # (fresh slot, method, from slots)
     checkpoint: bool  # some slot has no source: everyone reloads the latest checkpoint
+    replica_targets: tuple[tuple[int, int], ...] = ()  # per replica (DiLoCo / NoLoCo): (replica, step it resumes at)
+    rewind: tuple[int, ...] = ()  # replicas that go back to their snapshot of the last outer step
+
+    def target_of(self, replica: int) -> int | None:
+        return dict(self.replica_targets).get(replica, self.target)
 
 
 def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = False) -> Decision:
@@ -62,7 +82,7 @@ def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = 
     fresh = sorted((i.replica, i.stage) for i in infos if i.fresh)
     if not survivors:
         return Decision(None, (), (), False)
-    target = min(i.state_step for i in survivors.values())
+    target = min(i.done for i in survivors.values())  # an unfinished step is taken back even if every rank applied it
     undo = tuple(sorted(s for s, i in survivors.items() if i.state_step == target + 1 and i.can_undo))
     if any(i.state_step > target + 1 or (i.state_step == target + 1 and not i.can_undo) for i in survivors.values()):
         return Decision(target, (), (), True)  # no single step to agree on: only the checkpoint is common ground
@@ -79,6 +99,37 @@ def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = 
         else:
             return Decision(target, undo, (), True)
     return Decision(target, undo, tuple(sources), False)
+
+
+def decide_per_replica(infos: list[RankInfo]) -> Decision:
+    """DiLoCo / NoLoCo: every replica resumes on its own (see the module docstring). Whole-world fallbacks: no
+    survivor (target None), or no common last outer step / no replica to copy a lost stage from (checkpoint)."""
+    survivors = {(i.replica, i.stage): i for i in infos if not i.fresh}
+    if not survivors:
+        return Decision(None, (), (), False)
+    outer = {i.outer_step for i in survivors.values()}
+    fallback = Decision(min(i.done for i in survivors.values()), (), (), True)
+    targets, undo, sources, rewind = [], [], [], []
+    for r in sorted({i.replica for i in infos}):
+        mine = [i for i in infos if i.replica == r]
+        if not any(i.fresh for i in mine):  # within a replica the pipeline keeps its stages one step apart at most
+            t = min(i.done for i in mine)
+            if any(i.state_step > t + 1 or (i.state_step == t + 1 and not i.can_undo) for i in mine):
+                return fallback
+            undo += [(r, i.stage) for i in mine if i.state_step == t + 1]
+            targets.append((r, t))
+            continue
+        if len(outer) != 1 or -1 in outer:
+            return fallback
+        for i in (i for i in mine if i.fresh):
+            src = sorted(rr for rr, ss in survivors if ss == i.stage and rr != r)
+            if not src:
+                return fallback
+            sources.append(((r, i.stage), "rewind", ((src[0], i.stage),)))
+        targets.append((r, next(iter(outer))))
+        rewind.append(r)
+    return Decision(min(t for _, t in targets), tuple(sorted(undo)), tuple(sources), False, tuple(targets),
+                    tuple(rewind))
 
 
 def gather_infos(me: RankInfo, comm: Comm) -> list[RankInfo]:
@@ -105,6 +156,8 @@ def _layers(module) -> list[dict]:
 
 def payload(method: str, w: RankState) -> dict:
     """What a source sends for one fresh slot."""
+    if method == "rewind":  # its snapshot of the last outer step
+        return {**w.outer_snapshot, "lr_scale": w.lr_scale, "edge_copy": w.edge_copy, "grad_norm": w.grad_norm}
     if method == "copy":  # with the sync state: DiLoCo's anchor and outer momentum are the same on every replica
         return {"module": w.module.state_dict(), "optim": w.optimizer.state_dict(), "lr_scale": w.lr_scale,
                 "edge_copy": w.edge_copy, "grad_norm": w.grad_norm, "sync": w.sync.state_dict()}
@@ -122,6 +175,13 @@ def weight(grad_norm: float, rule: str) -> float:
 @torch.no_grad()
 def apply(method: str, received: list[dict], w: RankState, rule: str, lr_boost: float) -> None:
     """Install what the sources sent into this fresh rank's stage."""
+    if method == "rewind":
+        got = received[0]
+        w.outer_snapshot = {k: got[k] for k in ("module", "optim", "sync", "step")}
+        snapshot.restore(w.outer_snapshot, w.module, w.optimizer, w.sync)
+        w.sync.reset_error_feedback()
+        w.lr_scale, w.edge_copy, w.grad_norm = got["lr_scale"], got["edge_copy"], got["grad_norm"]
+        return
     if method == "copy":
         got = received[0]
         w.module.load_state_dict(got["module"])

@@ -40,7 +40,8 @@ from optim.sync import build_lane_sync, build_sync
 from recovery import checkpoint, hooks, snapshot
 from recovery.checkpoint import CheckpointError
 from recovery.membership import CoordinatorLost, Member, Plan
-from recovery.rebuild import Decision, RankInfo, decide, gather_infos, refresh_edge_copies, run_transfers
+from recovery.rebuild import (Decision, RankInfo, decide, decide_per_replica, gather_infos, refresh_edge_copies,
+                              run_transfers)
 from recovery.state import RankState, build_state
 
 TrainLoop = Callable[[RankState], None]
@@ -96,7 +97,7 @@ def connect(w: RankState, phase_s: float) -> None:
         from optim.wan import join_sites  # imports hivemind: only runs that use it pay for that
         w.wan = join_sites(cfg, w.module, w.stage, w.replica, w.topo.replicas, w.comm, w.grid_rank)
     w.sync = build_sync(cfg.sync, w.module, w.groups, w.comm, w.replica, len(w.topo.members), w.stage,
-                        cfg.train.seed, cfg.train.steps, w.wan)
+                        cfg.train.seed, cfg.train.steps, w.wan, w.topo.members)
     if state:
         w.sync.load_state_dict(state)
     if w.topo.lanes > 1:
@@ -319,14 +320,25 @@ def my_info(w: RankState, fresh: bool) -> RankInfo:
     """What this rank tells the others when they agree on a state. A rank that never completed an agreement
     (new, or its rebuild was cut short by the next failure) is fresh whatever the plan says: it holds nothing."""
     return RankInfo(w.replica, w.stage, fresh or not w.has_state, w.committed + w.applied, w.undo is not None,
-                    w.grad_norm)
+                    w.grad_norm, w.outer_snapshot["step"] if w.outer_snapshot and w.has_state else -1, w.applied)
 
 
 def take_back(w: RankState, decision: Decision) -> None:
-    """Go to the agreed step: undo this rank's last update if it was ahead."""
-    if (w.replica, w.stage) in decision.undo:
+    """Go to the agreed step: undo this rank's last update if it was ahead, or rewind to the last outer step
+    (a replica that lost a stage under DiLoCo / NoLoCo; a fresh rank gets its snapshot from a source)."""
+    if w.replica in decision.rewind:
+        if w.has_state:
+            snapshot.restore(w.outer_snapshot, w.module, w.optimizer, w.sync)
+    elif (w.replica, w.stage) in decision.undo:
         snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
-    w.committed, w.applied, w.undo = decision.target, False, None
+    w.committed, w.applied, w.undo = decision.target_of(w.replica), False, None
+
+
+def keep_outer_snapshot(w: RankState, step: int) -> None:
+    """DiLoCo / NoLoCo with recovery on: the state at an agreed point every replica shares (an outer step, or a
+    start), which a replica that loses a stage rewinds to."""
+    if w.member and w.cfg.sync.method != "ddp":
+        w.outer_snapshot = snapshot.take(w.module, w.optimizer, w.sync, step)
 
 
 def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -> None:
@@ -337,8 +349,9 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
     w.module.zero_grad(set_to_none=False)
     hooks.at("agreeing", gen=gen, grid_rank=w.grid_rank)
     with lost_on_failure("agreeing"):
-        decision = decide(gather_infos(my_info(w, fresh), w.comm), topo.stages, cfg.recovery.rebuild,
-                          cfg.recovery.swap)
+        infos = gather_infos(my_info(w, fresh), w.comm)
+        decision = decide_per_replica(infos) if cfg.sync.method != "ddp" else \
+            decide(infos, topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
         first_start = decision.target is None and gen == 1
         resumed_from, method = None, None
         if decision.target is None or decision.checkpoint:  # nothing in memory to agree on, or a slot has no source
@@ -348,6 +361,7 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
             elif not first_start:  # nothing sealed yet: start over from the initial weights
                 restart_from_scratch(w)
             method = None if first_start else "checkpoint"
+            keep_outer_snapshot(w, w.committed)  # every replica is at this step: the point to rewind to
         else:
             take_back(w, decision)
             hooks.at("rebuilding", gen=gen, grid_rank=w.grid_rank)
@@ -387,7 +401,7 @@ def restart_from_scratch(w: RankState) -> None:
     w.committed, w.lr_scale, w.edge_copy = 0, 1.0, {}
     w.loader.step = 0
     w.sync = build_sync(cfg.sync, w.module, w.groups, w.comm, w.replica, len(w.topo.members), w.stage,
-                        cfg.train.seed, cfg.train.steps, w.wan)
+                        cfg.train.seed, cfg.train.steps, w.wan, w.topo.members)
 
 
 def roll_back_absent(w: RankState) -> None:

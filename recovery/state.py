@@ -58,6 +58,7 @@ class RankState:
     committed: int = 0  # steps whose every transfer succeeded here
     applied: bool = False  # the in-flight step's update is already in the weights
     undo: dict | None = None  # the state before the last update (recovery on)
+    outer_snapshot: dict | None = None  # DiLoCo / NoLoCo with recovery on: the state at the last outer step
     val_loss: float = float("nan")
     meter: Throughput | None = None
 

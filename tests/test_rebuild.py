@@ -7,6 +7,7 @@ import torch
 from config import ConfigError, load_config
 from dist.pipeline import swap_route
 from model.stages import build_stage
+from optim.sync import DDPSync
 from recovery.rebuild import RankInfo, apply, decide, weight
 from tests.tiny import tiny_model_config
 from recovery.runtime import check_timeouts
@@ -48,7 +49,7 @@ def test_checkfree_rebuild_is_the_gradient_norm_weighted_average_with_boosted_lr
     prev, lost, nxt = (build_stage(cfg, s, 3, 16, seed=s + 1) for s in range(3))
     received = [{"layers": [layer.state_dict() for layer in m.layers.values()], "grad_norm": g}
                 for m, g in ((prev, 0.5), (nxt, 1.5))]
-    w = SimpleNamespace(module=lost, lr_scale=1.0)
+    w = SimpleNamespace(module=lost, lr_scale=1.0, sync=DDPSync(list(lost.parameters()), None, None, None, 1))
     apply("checkfree", received, w, "grad_norm", 1.1)
     a, b = weight(0.5, "grad_norm"), weight(1.5, "grad_norm")
     for name, p in lost.layers["1"].state_dict().items():

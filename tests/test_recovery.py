@@ -143,14 +143,17 @@ def test_replica_without_replacement_sits_out_and_rejoins_later(cluster):
 
 @pytest.mark.parametrize("method", ["diloco", "noloco"])
 def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, method):
-    """DiLoCo / NoLoCo (H = 4) on 2 x 3: replica 1's stage 1 dies mid-step 6 and is copied from replica 0 with
-    its sync state. The run finishes with every step once in each ledger; under DiLoCo both replicas of every
-    stage hold the same bits after each later outer step, and the final weights stay within 2% of a run that
-    never failed (the copied stage's local progress since the last outer step is replica 0's)."""
+    """DiLoCo / NoLoCo (H = 4) on 2 x 3: replica 1's stage 1 dies mid-step 6. Replica 1 rewinds to the outer
+    step at 4 (the lost stage from replica 0's snapshot of it) and replays steps 4-5 with the same data while
+    replica 0 goes on. The run finishes with every step once in each ledger; under DiLoCo both replicas of
+    every stage hold the same bits after each outer step, and the final weights stay close to a run that never
+    failed (only the rebuilt stage's inner Adam moments are replica 0's)."""
     sync = [f"sync.method={method}", "sync.H=4", "checkpoint.every=0"]
     c = cluster(f"{method}-killed", 2, 3, *sync)
     kill_and_replace(c, [4])
-    assert [(e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")] == [(1, 1, "copy")]
+    assert [(e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")] == [(1, 1, "rewind")]
+    resumed = {(e["rank"] // 3, e["step"]) for e in c.events("resumed")}
+    assert (1, 4) in resumed and all(step >= 6 for r, step in resumed if r == 0) and len(resumed) == 2
     check_ledger(c.run_dir, 2)
     if method == "diloco":
         for stage in range(3):
