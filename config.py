@@ -350,6 +350,9 @@ def validate_recovery(cfg: Config) -> None:
     if cfg.sync.transport != "torch":
         raise ConfigError("recovery.coordinator with sync.transport=hivemind is not supported yet: each site runs its "
                           "own torchrun job; use sync.transport=torch or no recovery.coordinator")
+    if cfg.sync.method != "ddp" and cfg.sync.routing:
+        raise ConfigError("recovery.coordinator with sync.routing under diloco/noloco is not supported yet (routed "
+                          "replicas cannot resume on their own): set sync.routing=false")
     if cfg.sync.method == "diloco" and cfg.sync.fragments > 1:
         raise ConfigError("recovery.coordinator with streaming DiLoCo (sync.fragments > 1) is not supported yet (a "
                           "replica that loses a stage rewinds to one outer step shared by the whole stage): set "

@@ -172,3 +172,36 @@ def test_read_log_ignores_records_of_ended_generations(tmp_path):
     with open(path, "a") as fh:
         fh.write(json.dumps({"step": 9, "gen": [2.0, 1]}) + "\n")  # a zombie of the generation before
     assert [r["step"] for r in read_log(path)] == [0, 1, 2, 3]
+
+
+def test_coordinator_death_while_a_generation_forms_keeps_the_survivors_state(cluster, tmp_path):
+    """2 replicas x 1 stage, no checkpoints: replica 1 dies and no replacement comes; while replica 0 waits for
+    the next plan the coordinator dies too. Replica 0 saves its own state (salvage) and says so in one line;
+    a relaunch with checkpoint.resume=latest resumes from that step, not from step 0, and ends bitwise equal to
+    a run that never failed."""
+    common = ["train.steps=30"]
+    c = cluster("salvage", 2, 1, *common)
+    workers = [c.worker() for _ in range(2)]
+    c.wait_for(lambda: len(metrics_steps(c.run_dir)) >= 8, what="8 steps")
+    victim = next(p for p in workers if p.pid == next(e["pid"] for e in c.events("assigned") if e["replica"] == 1))
+    victim.kill()
+    c.wait_for(lambda: c.events("generation-ended"), what="the generation to end")
+    time.sleep(1.0)  # replica 0 is waiting for a plan that needs a replacement
+    c.coordinator.kill()
+    c.coordinator.wait()
+    survivor = next(p for p in workers if p is not victim)
+    assert survivor.wait(timeout=60) == 2
+    out = open(survivor.log_path).read()
+    assert "is gone; saved this rank's state at step" in out and "Traceback" not in out
+    step = int(out.split("state at step ")[1].split()[0])
+    assert step >= 8
+    c.restart_coordinator()
+    assert c.wait_all([c.worker("checkpoint.resume=latest") for _ in range(2)]) == [0, 0], c.tail()
+    resumed = [e for e in c.events("resumed") if e.get("checkpoint")]
+    assert resumed and resumed[-1]["step"] == step and "salvage" in resumed[-1]["checkpoint"]
+    check_ledger(c.run_dir, 2, steps=30)
+    whole = cluster("salvage-whole", 2, 1, *common)
+    assert whole.wait_all([whole.worker() for _ in range(2)]) == [0, 0]
+    a, b = final_weights(c.run_dir, tmp_path, 30), final_weights(whole.run_dir, tmp_path, 30)
+    for k in a["replica0"]["model"]:
+        assert torch.equal(a["replica0"]["model"][k], b["replica0"]["model"][k]), k
