@@ -115,6 +115,7 @@ def train(w: RankState) -> None:
         w.optimizer.zero_grad(set_to_none=False)
         w.applied = True
         done = step + 1
+        hooks.at("updated", step=step, grid_rank=w.grid_rank)  # between the update and the outer exchange
         synced = w.sync.after_update(done)
         if cfg.recovery.swap and done % cfg.recovery.edge_copy_every == 0:
             refresh_edge_copies(w, w.comm, topo.stages)

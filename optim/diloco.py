@@ -36,9 +36,12 @@ def nesterov_step(anchor: torch.Tensor, momentum: torch.Tensor, delta: torch.Ten
 class DiLoCo:
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], H: int, lr: float, mu: float,
                  nesterov: bool, fragments: int, precision: str, ef: list[ErrorFeedback] | None, comm, group, link: str,
-                 n: int, transport=None):
+                 n: int, transport=None, should_commit=None):
+        """should_commit: with recovery on, a world-wide agreement called after the exchange and before the
+        outer step is applied (raises if any rank failed), so an outer step is applied everywhere or nowhere."""
         self.H, self.lr, self.mu, self.nesterov, self.precision = H, lr, mu, nesterov, precision
         self.comm, self.group, self.link, self.n, self.transport = comm, group, link, n, transport
+        self.should_commit = should_commit
         self.P = max(1, fragments)
         self.params = [p for _, p in named_params]
         self.members = [[i for i, (name, _) in enumerate(named_params) if fragment_of(name, self.P) == f]
@@ -64,17 +67,22 @@ class DiLoCo:
     def after_update(self, done: int) -> list[int]:
         """Run the outer step for every fragment due now; returns the fragments synced."""
         synced = self.due(done)
-        moved = 0.0
+        averages = {}
         for f in synced:
             idx = self.members[f]
-            anchors, moms = [self.anchor[i] for i in idx], [self.momentum[i] for i in idx]
             delta = _flatten_dense_tensors([self.anchor[i] - self.params[i].detach().float() for i in idx])
             if self.ef:
-                avg = self.ef[f].aggregate(delta)
+                averages[f] = self.ef[f].aggregate(delta)
             elif self.transport:
-                avg = self.transport.mean(delta, done)
+                averages[f] = self.transport.mean(delta, done)
             else:
-                avg = mean_over_group(delta, self.precision, self.comm, self.group, self.link, self.n)
+                averages[f] = mean_over_group(delta, self.precision, self.comm, self.group, self.link, self.n)
+        if synced and self.should_commit:
+            self.should_commit()  # every rank's exchange succeeded, or none applies it (recovery on)
+        moved = 0.0
+        for f, avg in averages.items():
+            idx = self.members[f]
+            anchors, moms = [self.anchor[i] for i in idx], [self.momentum[i] for i in idx]
             for a, m, d in zip(anchors, moms, _unflatten_dense_tensors(avg, anchors)):
                 before = a.clone()
                 nesterov_step(a, m, d, self.lr, self.mu, self.nesterov)

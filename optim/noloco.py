@@ -40,13 +40,13 @@ def check_bounds(alpha: float, beta: float, gamma: float) -> None:
                          f"for bounded replica spread (got alpha={alpha}, gamma={gamma})")
 
 
-def noloco_update(phi: torch.Tensor, delta: torch.Tensor, theta: torch.Tensor, peer_phi: torch.Tensor | None,
-                  peer_Delta: torch.Tensor | None, alpha: float, beta: float, gamma: float) -> None:
-    """In place on phi and delta (flat fp32): one outer step against the peer's slow weights and Delta."""
+def pair_means(phi: torch.Tensor, theta: torch.Tensor, peer_phi: torch.Tensor | None,
+               peer_Delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean phi, mean Delta) over this replica and its peer (flat fp32); alone: its own values."""
     Delta = theta - phi
     mean_Delta = Delta if peer_Delta is None else (Delta + peer_Delta) / 2
     mean_phi = phi if peer_phi is None else (phi + peer_phi) / 2
-    noloco_step(phi, delta, mean_phi, mean_Delta, alpha, beta, gamma)
+    return mean_phi, mean_Delta
 
 
 def noloco_step(phi: torch.Tensor, delta: torch.Tensor, mean_phi: torch.Tensor, mean_Delta: torch.Tensor,
@@ -58,12 +58,14 @@ def noloco_step(phi: torch.Tensor, delta: torch.Tensor, mean_phi: torch.Tensor, 
 
 class NoLoCo:
     def __init__(self, params: list[torch.nn.Parameter], H: int, alpha: float, beta: float, gamma: float,
-                 replica: int, members: tuple[int, ...], seed: int, comm, pair_links: dict, transport=None):
-        """members: the replicas in this generation (one that sits out is not paired with)."""
+                 replica: int, members: tuple[int, ...], seed: int, comm, pair_links: dict, transport=None,
+                 should_commit=None):
+        """members: the replicas in this generation (one that sits out is not paired with); should_commit: see
+        DiLoCo (an outer step is applied on every rank or on none)."""
         check_bounds(alpha, beta, gamma)
         self.params, self.H, self.alpha, self.beta, self.gamma = params, H, alpha, beta, gamma
         self.replica, self.members, self.seed, self.comm, self.pair_links = replica, members, seed, comm, pair_links
-        self.transport = transport
+        self.transport, self.should_commit = transport, should_commit
         self.restart_from_weights()
 
     def restart_from_weights(self) -> None:
@@ -80,15 +82,16 @@ class NoLoCo:
         mine = torch.cat([self.phi, theta - self.phi])
         if self.transport:
             mean_phi, mean_Delta = self.transport.pair_mean(mine, done).split(self.phi.numel())
-            noloco_step(self.phi, self.delta, mean_phi, mean_Delta, self.alpha, self.beta, self.gamma)
         else:
             peer = partners(len(self.members), self.seed, done // self.H)[self.members.index(self.replica)]
             peer_phi = peer_Delta = None
             if peer is not None:
                 link = self.pair_links[self.members[peer]]
-                theirs = self.comm.exchange(mine, link.group, link.peer, link.kind)
-                peer_phi, peer_Delta = theirs.split(self.phi.numel())
-            noloco_update(self.phi, self.delta, theta, peer_phi, peer_Delta, self.alpha, self.beta, self.gamma)
+                peer_phi, peer_Delta = self.comm.exchange(mine, link.group, link.peer, link.kind).split(self.phi.numel())
+            mean_phi, mean_Delta = pair_means(self.phi, theta, peer_phi, peer_Delta)
+        if self.should_commit:
+            self.should_commit()  # every rank's exchange succeeded, or none applies it (recovery on)
+        noloco_step(self.phi, self.delta, mean_phi, mean_Delta, self.alpha, self.beta, self.gamma)
         copy_flat_(self.params, self.phi)
         self.last_update_norm = float(self.delta.norm())
         return [0]

@@ -138,8 +138,10 @@ def build_lane_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, co
 def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, replica: int, replicas: int,
                stage: int, seed: int, total_steps: int, transport=None, members: tuple[int, ...] = ()) -> Sync:
     """transport: the hivemind peer that carries diloco/noloco's outer exchange between sites (optim/wan.py);
-    members: the replicas in this generation (default: all `replicas`)."""
+    members: the replicas in this generation (default: all `replicas`). With recovery on (the comm watches an
+    abort flag) an outer step is applied only once every rank of the world agrees its exchange succeeded."""
     params = list(module.parameters())
+    should_commit = comm.barrier if comm.abort is not None and transport is None else None
     stage_seed = seed * 7919 + stage  # the same on every replica of this stage (Rand-K's shared index set)
     ef = cfg.compress != "none"
     if cfg.method == "ddp":
@@ -149,8 +151,8 @@ def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: C
         efs = ([_error_feedback(cfg, stage_seed + f, comm, groups.stage, replicas) for f in range(cfg.fragments)]
                if ef else None)
         outer = DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov,
-                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas, transport)
+                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas, transport, should_commit)
     else:
         outer = NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, members or tuple(range(replicas)), seed,
-                       comm, groups.replica_pairs, transport)
+                       comm, groups.replica_pairs, transport, should_commit)
     return OuterSync(outer, params, total_steps if cfg.final_average else None, comm, groups.stage, replicas)

@@ -3,7 +3,8 @@
 The product only calls `at(point, **where)`; nothing happens unless a test installed a hook, either in-process
 with `install(fn)` or in a worker process through FLOTILLA_HOOKS=<module>:<function>, which is called once with
 `install` at start-up. Points: "forming" (before joining a generation's world), "connecting" (between the world
-and its groups), "agreeing", "rebuilding", "step" (mid-step: after backward, before the update), "saving"
+and its groups), "agreeing", "rebuilding", "step" (mid-step: after backward, before the update), "updated" (after the
+update, before the sync after it: DiLoCo's outer exchange), "saving"
 (shards written, not sealed), "plan" (waiting for the next plan).
 """
 from __future__ import annotations

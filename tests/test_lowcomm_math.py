@@ -7,7 +7,7 @@ import torch
 from optim import compress
 from optim.diloco import DiLoCo, fragment_of, nesterov_step
 from optim.ef21 import ErrorFeedback
-from optim.noloco import check_bounds, noloco_update, partners
+from optim.noloco import check_bounds, noloco_step, pair_means, partners
 
 
 def test_nesterov_step_by_hand():
@@ -94,7 +94,7 @@ def test_noloco_update_by_hand():
     phi, delta = torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.0])
     theta = torch.tensor([0.5, 2.5])  # Delta = [-0.5, 0.5]
     peer_phi, peer_Delta = torch.tensor([3.0, 2.0]), torch.tensor([0.5, 0.5])
-    noloco_update(phi, delta, theta, peer_phi, peer_Delta, alpha=0.5, beta=0.7, gamma=0.7)
+    noloco_step(phi, delta, *pair_means(phi, theta, peer_phi, peer_Delta), alpha=0.5, beta=0.7, gamma=0.7)
     mean_D, mean_phi = torch.tensor([0.0, 0.5]), torch.tensor([2.0, 2.0])
     want_delta = 0.5 * torch.tensor([0.1, 0.0]) + 0.7 * mean_D - 0.7 * (torch.tensor([1.0, 2.0]) - mean_phi)
     assert torch.allclose(delta, want_delta)
@@ -103,7 +103,7 @@ def test_noloco_update_by_hand():
 
 def test_noloco_alone_moves_by_its_own_delta():
     phi, delta, theta = torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0])
-    noloco_update(phi, delta, theta, None, None, alpha=0.5, beta=0.7, gamma=0.7)
+    noloco_step(phi, delta, *pair_means(phi, theta, None, None), alpha=0.5, beta=0.7, gamma=0.7)
     assert torch.allclose(phi, torch.tensor([1.0 - 0.7]))
 
 

@@ -169,3 +169,28 @@ def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, met
         den = sum(float(t.square().sum()) for t in b[replica]["model"].values())
         print(method, replica, (num / den) ** 0.5)
         assert (num / den) ** 0.5 < 0.02, (replica, (num / den) ** 0.5)
+
+
+@pytest.mark.parametrize("sync,victim,point", [
+    (["sync.method=diloco"], 3, "step"),  # replica 1's first stage, mid-step 6
+    (["sync.method=diloco"], 5, "updated"),  # its last stage, after the update of step 7: mid outer step 8
+    (["sync.method=noloco"], 5, "updated"),
+    (["sync.method=diloco", "sync.compress=ef21-topk"], 4, "step"),
+])
+def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync, victim, point):
+    """The other stages and moments: the first and the last stage, and a death between a step's update and
+    its outer exchange (the other replica is then waiting in the outer step). The replica rewinds, the run
+    finishes, every ledger holds each step once, and DiLoCo replicas agree after every outer step."""
+    c = cluster("edge", 2, 3, *sync, "sync.H=4")
+    step = 7 if point == "updated" else 6
+    workers = [c.worker(env=fault_env(point, step=step, grid_rank=victim)) for _ in range(6)]
+    c.wait_for(lambda: any(p.poll() is not None for p in workers), what="the victim")
+    replacement = c.worker()
+    assert c.wait_all([p for p in workers if p.poll() is None] + [replacement]) == [0] * 6, c.tail()
+    assert [(e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")] == [(1, victim - 3, "rewind")]
+    check_ledger(c.run_dir, 2)
+    if "sync.method=diloco" in sync:
+        for stage in range(3):
+            a = read_log(os.path.join(c.run_dir, "sync", f"rank{stage}.jsonl"))
+            b = read_log(os.path.join(c.run_dir, "sync", f"rank{3 + stage}.jsonl"))
+            assert [(r["step"], r["digest"]) for r in a] == [(r["step"], r["digest"]) for r in b] != []
