@@ -20,7 +20,11 @@ def start_generation(store, gen: int, rank: int, world: int, backend: str, timeo
     that never arrives fails the call after timeout_s (the caller raises it afterwards for transfers)."""
     if dist.is_initialized():
         _GRAVEYARD.append((c10d._get_default_group(), *keep))
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # also resets the counter that names unnamed groups
+    else:
+        _GRAVEYARD.append(keep)
+    c10d._world.group_count = 0  # a failed init advanced it without a world to destroy: group names would differ
+    # between ranks, so no later generation could ever form
     dist.init_process_group(backend, store=dist.PrefixStore(f"gen{gen}/", store), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
 

@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="random: train.steps")
     ap.add_argument("--run-id", default="flotilla", help="random: recovery.run_id (the intruder writes under it)")
     ap.add_argument("--baseline", action="store_true", help="random: also run failure-free and compare the loss")
+    ap.add_argument("--give-up-after", type=float, default=300.0, help="random: stop a run that made no progress "
+                    "for this many seconds (and report it)")
     args, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:

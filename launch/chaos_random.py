@@ -215,6 +215,9 @@ class RandomChaos:
             kinds, weights = list(KINDS), list(KINDS.values())
             while any(p.poll() is None for p in c.workers) or self.pending:
                 self.tend()
+                if time.time() - self.progress.steps[-1][0] > args.give_up_after:
+                    self.log("gave-up", seconds=args.give_up_after)  # no progress at all: a livelock to report
+                    break
                 if len(self.faults) < args.faults and time.monotonic() >= next_fault and self.progress.steps:
                     kind = self.rng.choices(kinds, weights)[0]
                     if self.inject(kind):
@@ -254,7 +257,8 @@ class RandomChaos:
                 "regressions": self.progress.regressions, "longest_stall_s": round(stall, 2),
                 "stall_limit_s": 2 * args.join_timeout, "stall_explained_by_restore": restore_in_stall,
                 "checkpoint_restores": len(restores), "rebuilt_by": rebuilt, "val_loss": val,
-                "tampering_seen": len([e for e in events if e["event"] in ("tampered", "refused")])}
+                "tampering_seen": len([e for e in events if e["event"] in ("tampered", "refused")]),
+                "gave_up": any(e["event"] == "fault" and e["kind"] == "gave-up" for e in events)}
 
 
 def baseline(args, overrides: list[str]) -> float | None:
@@ -279,7 +283,7 @@ def check(result: dict, baseline_loss: float | None) -> dict:
             "ledger_exactly_once": all(v == {"duplicates": 0, "gaps": 0} for v in result["ledger"].values()),
             "never_back_past_sealed": not result["regressions"],
             "stall_ok": result["longest_stall_s"] <= result["stall_limit_s"] or result["stall_explained_by_restore"],
-            "finished": result["val_loss"] is not None}
+            "finished": result["val_loss"] is not None and not result["gave_up"]}
 
 
 def main(args, overrides: list[str]) -> int:

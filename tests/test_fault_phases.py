@@ -29,12 +29,14 @@ def metrics_steps(run_dir):
     return [r["step"] for r in read_log(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
 
 
-def test_kill_while_the_next_generation_forms(cluster):
-    """Replica 1 stage 0 dies mid-step 6; while generation 2 builds its groups, replica 0 stage 1 dies too.
-    Survivors must not crash or wait out the group timeout: generation 3 copies both stages and the run ends."""
+@pytest.mark.parametrize("point", ["forming", "connecting"])
+def test_kill_while_the_next_generation_forms(cluster, point):
+    """Replica 1 stage 0 dies mid-step 6; while generation 2 forms its world (or builds its groups), replica 0
+    stage 1 dies too. Survivors must not crash or wait out the group timeout (a failed world must not leave
+    ranks naming their groups differently): generation 3 copies both stages and the run ends."""
     c = cluster("forming", 2, 2, "parallel.timeout_s=120")
     faults = faults_env({"point": "step", "action": "kill", "step": 6, "grid_rank": 2},
-                        {"point": "connecting", "action": "kill", "gen": 2, "grid_rank": 1})
+                        {"point": point, "action": "kill", "gen": 2, "grid_rank": 1})
     workers = [c.worker(env=faults) for _ in range(4)]
     c.wait_for(lambda: sum(p.poll() is not None for p in workers) == 1, what="the first victim")
     replacement = c.worker()
