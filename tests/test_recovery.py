@@ -173,7 +173,7 @@ def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, met
 
 @pytest.mark.parametrize("sync,victim,point", [
     (["sync.method=diloco"], 3, "step"),  # replica 1's first stage, mid-step 6
-    (["sync.method=noloco"], 5, "updated"),  # its last stage, after the update of step 7: mid outer step 8
+    (["sync.method=diloco"], 5, "updated"),  # its last stage, after the update of step 7: mid outer step 8
     (["sync.method=diloco", "sync.compress=ef21-topk"], 4, "step"),
 ])
 def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync, victim, point):
