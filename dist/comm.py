@@ -55,7 +55,7 @@ class Comm:
         return out
 
     def send(self, tensor: torch.Tensor, pair, link: str = INTRA):
-        """Start sending to the other rank of a 2-rank group; returns the pending work to wait on later."""
+        """Start sending to the other ranks of a group (a 2-rank group: its peer); returns the pending work."""
         self.bytes_sent[link] += tensor.numel() * tensor.element_size()
         self.p2p[link] += 1
         return self._issue(dist.broadcast, tensor, src=dist.get_rank(), group=pair, async_op=True)
@@ -81,17 +81,17 @@ class Comm:
         self.all_reduce(torch.zeros(1), group, link)
 
     def broadcast_object(self, obj, src: int, group=None, link: str = "control"):
-        """`obj` of global rank `src` on every rank of the group (pollable, unlike dist.broadcast_object_list)."""
-        data = None
+        """`obj` of global rank `src` on every rank of the group: its size, then its bytes (broadcasts, so every
+        wait is pollable, unlike dist.broadcast_object_list). The source gets its own object back."""
         if dist.get_rank() == src:
             buf = io.BytesIO()
             torch.save(obj, buf)
             data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        size = torch.tensor([data.numel() if data is not None else 0])
-        self.wait(self._issue(dist.broadcast, size, src=src, group=group, async_op=True))
-        if data is None:
-            data = torch.empty(int(size), dtype=torch.uint8)
-        self.wait(self._issue(dist.broadcast, data, src=src, group=group, async_op=True))
+            self.wait(self.send(torch.tensor([data.numel()]), group, link))
+            self.wait(self.send(data, group, link))
+            return obj
+        n = self.recv(torch.zeros(1, dtype=torch.int64), group, src)
+        data = self.recv(torch.empty(int(n), dtype=torch.uint8), group, src)
         return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
     def blocking(self, fn, what: str):

@@ -20,7 +20,6 @@ go on from their own committed step and wait for it at the next outer step.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -136,20 +135,6 @@ def gather_infos(me: RankInfo, comm: Comm) -> list[RankInfo]:
     return [RankInfo.unpack(t) for t in comm.all_gather(me.pack(), None, RECOVERY)]
 
 
-def _send_object(obj, comm: Comm, group) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-    comm.wait(comm.send(torch.tensor([data.numel()]), group, RECOVERY))
-    comm.wait(comm.send(data, group, RECOVERY))
-
-
-def _recv_object(comm: Comm, group, src: int):
-    n = comm.recv(torch.zeros(1, dtype=torch.int64), group, src)
-    data = comm.recv(torch.empty(int(n), dtype=torch.uint8), group, src)
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
-
-
 def _layers(module) -> list[dict]:
     return [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in module.layers.values()]
 
@@ -219,9 +204,9 @@ def run_transfers(decision: Decision, topo: Topology, w: RankState, comm: Comm, 
     received, mine = [], None
     for (dst, method, src), group in zip(transfers, groups):
         if src == me:
-            _send_object(payload(method, w), comm, group)
+            comm.broadcast_object(payload(method, w), topo.rank(*me), group, RECOVERY)
         elif dst == me:
-            received.append(_recv_object(comm, group, topo.rank(*src)))
+            received.append(comm.broadcast_object(None, topo.rank(*src), group, RECOVERY))
             mine = method
     if mine:
         apply(mine, received, w, rule, lr_boost)
