@@ -287,9 +287,9 @@ def validate_lanes(cfg: Config) -> None:
     if cfg.model.n_heads % largest:
         raise ConfigError(f"model.n_heads={cfg.model.n_heads} must divide by the largest SP group ({largest} lanes: "
                           f"Ulysses splits heads over the group): use fewer lanes or parallel.sp=static:<d>")
-    if cfg.recovery.coordinator or cfg.sync.routing:
-        raise ConfigError("parallel.lanes > 1 is not supported with recovery.coordinator or sync.routing yet: "
-                          "use parallel.lanes=1 for those")
+    if cfg.sync.routing:
+        raise ConfigError("parallel.lanes > 1 with sync.routing is not supported (a routed micro-batch would have to "
+                          "carry its SP plan across replicas): use one of them")
 
 
 def validate_wan(cfg: Config) -> None:
@@ -350,9 +350,6 @@ def validate_recovery(cfg: Config) -> None:
     if cfg.sync.transport != "torch":
         raise ConfigError("recovery.coordinator with sync.transport=hivemind is not supported yet: each site runs its "
                           "own torchrun job; use sync.transport=torch or no recovery.coordinator")
-    if cfg.sync.method != "ddp" and cfg.sync.routing:
-        raise ConfigError("recovery.coordinator with sync.routing under diloco/noloco is not supported yet (routed "
-                          "replicas cannot resume on their own): set sync.routing=false")
     if cfg.sync.method == "diloco" and cfg.sync.fragments > 1:
         raise ConfigError("recovery.coordinator with streaming DiLoCo (sync.fragments > 1) is not supported yet (a "
                           "replica that loses a stage rewinds to one outer step shared by the whole stage): set "

@@ -63,7 +63,7 @@ def split_batch(w: RankState, batch, step: int) -> StepWork:
     cfg, topo = w.cfg, w.topo
     if topo.lanes == 1:
         microbatches, hops = local_microbatches(batch, w.loader, step, cfg.parallel.microbatches, w.replica, w.stage,
-                                                topo.replicas, topo.stages, cfg.train.seed, cfg.sync.routing)
+                                                topo.members, topo.stages, cfg.train.seed, cfg.sync.routing)
         return StepWork([mb.to(w.device) for mb in microbatches], hops, batch.n_tokens)
     segs = segments(batch)
     planned = plan_batch(segs, topo.lanes, cfg.parallel.sp, w.sp_cost,

@@ -17,22 +17,23 @@ def boundary_perm(replicas: int, seed: int, step: int, microbatch: int, boundary
     return torch.randperm(replicas, generator=g).tolist()
 
 
-def route(replicas: int, seed: int, step: int, microbatch: int, stages: int) -> list[list[int]]:
-    """path[d] = the replica holding, at each stage, the micro-batch that started on replica d."""
-    paths = []
-    for d in range(replicas):
+def route(members: tuple[int, ...], seed: int, step: int, microbatch: int, stages: int) -> list[list[int]]:
+    """paths[k] = the replica holding, at each stage, the micro-batch that started on replica members[k]. Routes
+    run among the replicas in the world, so a replica that sits out (or is rebuilding) is routed around."""
+    n, paths = len(members), []
+    for d in range(n):
         path = [d]
         for s in range(stages - 1):
-            path.append(boundary_perm(replicas, seed, step, microbatch, s)[path[-1]])
-        paths.append(path)
+            path.append(boundary_perm(n, seed, step, microbatch, s)[path[-1]])
+        paths.append([members[k] for k in path])
     return paths
 
 
-def hops(replicas: int, seed: int, step: int, microbatch: int, stages: int, replica: int, stage: int
+def hops(members: tuple[int, ...], seed: int, step: int, microbatch: int, stages: int, replica: int, stage: int
          ) -> tuple[int, int | None, int | None]:
     """For the copy of `microbatch` at (replica, stage): (replica whose data it is, replica of the previous
     stage that sends it here or None, replica of the next stage it goes to or None)."""
-    for path in route(replicas, seed, step, microbatch, stages):
+    for path in route(members, seed, step, microbatch, stages):
         if path[stage] == replica:
             prev_r = path[stage - 1] if stage > 0 else None
             next_r = path[stage + 1] if stage < stages - 1 else None
@@ -41,7 +42,7 @@ def hops(replicas: int, seed: int, step: int, microbatch: int, stages: int, repl
 
 
 def local_microbatches(batch: Batch, loader: ReplicaLoader, step: int, n: int, replica: int, stage: int,
-                       replicas: int, stages: int, seed: int, routing: bool) -> tuple[list[Batch], list[tuple[int, int]]]:
+                       members: tuple[int, ...], stages: int, seed: int, routing: bool) -> tuple[list[Batch], list[tuple[int, int]]]:
     """This rank's micro-batches of a step and, for each, (previous-stage replica, next-stage replica).
 
     Without routing: this replica's batch split n ways, along its own stages. With routing: micro-batch i
@@ -53,7 +54,7 @@ def local_microbatches(batch: Batch, loader: ReplicaLoader, step: int, n: int, r
     split = {replica: batch.split(n)}
     microbatches, links = [], []
     for i in range(n):
-        origin, prev_r, next_r = hops(replicas, seed, step, i, stages, replica, stage)
+        origin, prev_r, next_r = hops(members, seed, step, i, stages, replica, stage)
         if origin not in split:
             split[origin] = loader.batch_at(step, origin).split(n)
         microbatches.append(split[origin][i])

@@ -34,11 +34,12 @@ class Cluster:
     """One run: `start()` the coordinator, `worker()` as many times as needed (the same command for replacements)."""
 
     def __init__(self, run_dir: str, replicas: int, stages: int, overrides: list[str], secret: str = "test-secret",
-                 heartbeat_timeout: float = 2.0, join_timeout: float = 30.0):
-        self.run_dir, self.replicas, self.stages = run_dir, replicas, stages
+                 heartbeat_timeout: float = 2.0, join_timeout: float = 30.0, lanes: int = 1):
+        self.run_dir, self.replicas, self.stages, self.lanes = run_dir, replicas, stages, lanes
         self.secret, self.port = secret, free_port()
         self.heartbeat_timeout, self.join_timeout = heartbeat_timeout, join_timeout
-        self.overrides = [f"parallel.replicas={replicas}", f"parallel.stages={stages}", f"log.run_dir={run_dir}",
+        self.overrides = [f"parallel.replicas={replicas}", f"parallel.stages={stages}", f"parallel.lanes={lanes}",
+                          f"log.run_dir={run_dir}",
                           f"recovery.coordinator=127.0.0.1:{self.port}", *overrides]
         self.coordinator: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -57,7 +58,8 @@ class Cluster:
         log = open(os.path.join(self.run_dir, f"coordinator{starts or ''}.log"), "w")
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "recovery.coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-             "--replicas", str(self.replicas), "--stages", str(self.stages), "--heartbeat-timeout",
+             "--replicas", str(self.replicas), "--stages", str(self.stages), "--lanes", str(self.lanes),
+             "--heartbeat-timeout",
              str(self.heartbeat_timeout), "--join-timeout", str(self.join_timeout), "--events", self.events_path],
             cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
         deadline, ups = time.monotonic() + 30, len(self.events("coordinator-up"))

@@ -7,10 +7,10 @@ generation, forge a plan or finish the run: the bare TCPStore is a transport, no
 The loop admits or refuses hellos, declares a worker dead when its heartbeat stops (or, on this host,
 when its pid is gone), ends the generation (`epoch` += 1: every worker aborts its step), waits until
 every live member is ready and every free slot has a replacement (or the join timeout passed), and
-writes `plan/<gen>`: who holds which (replica, stage) slot and who is fresh. Keys are write-once per
+writes `plan/<gen>`: who holds which (replica, stage, lane) slot and who is fresh. Keys are write-once per
 generation; all live under `flotilla/<run_id>/`.
 
-  python -m recovery.coordinator --port 29400 --replicas 2 --stages 3   (secret in FLOTILLA_SECRET)
+  python -m recovery.coordinator --port 29400 --replicas 2 --stages 3 [--lanes 2]   (secret in FLOTILLA_SECRET)
 """
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ class Coordinator:
     join_timeout_s: float = 60.0
     events_path: str = ""
     host: str = "0.0.0.0"
+    lanes: int = 1
 
     def __post_init__(self):
         if self.join_timeout_s <= self.heartbeat_timeout_s:
@@ -100,7 +101,7 @@ class Coordinator:
         self.signed = SignedStore(self.store, self.secret, self.run_id)
         self.workers: dict[str, Worker] = {}
         self.waiting: list[str] = []  # admitted, no slot yet (in arrival order)
-        self.members: dict[str, tuple[int, int]] = {}  # uid -> slot in the current (or forming) generation
+        self.members: dict[str, tuple[int, int, int]] = {}  # uid -> (replica, stage, lane) slot in the current (or forming) generation
         self.gen, self.forming, self.since = 0, True, time.monotonic()
         self.hellos = 0  # every hello up to this one is handled
         self.hellos_done: set[int] = set()  # handled hellos after a gap
@@ -110,7 +111,7 @@ class Coordinator:
         self.previous: set[str] = set()  # members of the last plan (the others in a plan are fresh)
         self.active: list[int] = list(range(self.replicas))  # replicas training in the current generation
         self.hostname = socket.gethostname()
-        self.signed.put("run", json.dumps({"replicas": self.replicas, "stages": self.stages,
+        self.signed.put("run", json.dumps({"replicas": self.replicas, "stages": self.stages, "lanes": self.lanes,
                                            "heartbeat_timeout_s": self.heartbeat_timeout_s,
                                            "join_timeout_s": self.join_timeout_s, "launch": time.time()}))
         self.signed.put("epoch", "1")
@@ -184,7 +185,7 @@ class Coordinator:
                 continue
             if not self.alive(self.workers[uid]):
                 slot = self.members.pop(uid)
-                self.event("detect", uid=uid, replica=slot[0], stage=slot[1],
+                self.event("detect", uid=uid, replica=slot[0], stage=slot[1], lane=slot[2],
                            silent_s=round(time.monotonic() - self.workers[uid].seen, 3))
                 self.end_generation("lost", uid=uid)
         self.waiting = [u for u in self.waiting if self.alive(self.workers[u])]
@@ -196,13 +197,14 @@ class Coordinator:
 
     def try_plan(self) -> None:
         taken = set(self.members.values())
-        free = [(r, s) for r in range(self.replicas) for s in range(self.stages) if (r, s) not in taken]
+        free = [(r, s, lane) for r in range(self.replicas) for s in range(self.stages) for lane in range(self.lanes)
+                if (r, s, lane) not in taken]
         while free and self.waiting:
             uid = self.waiting.pop(0)
             self.members[uid] = free.pop(0)
-            self.event("assigned", uid=uid, pid=self.workers[uid].pid, replica=self.members[uid][0],
-                       stage=self.members[uid][1])
-        active = sorted({r for r in range(self.replicas)} - {r for r, _ in free})
+            replica, stage, lane = self.members[uid]
+            self.event("assigned", uid=uid, pid=self.workers[uid].pid, replica=replica, stage=stage, lane=lane)
+        active = sorted({r for r in range(self.replicas)} - {r for r, _, _ in free})
         if free:
             if self.gen == 0 or time.monotonic() - self.since < self.join_timeout_s:
                 return
@@ -218,7 +220,7 @@ class Coordinator:
         if stuck and time.monotonic() - self.since > self.join_timeout_s:
             for uid in stuck:  # alive but stuck in a phase for longer than any phase may take: its slot is given away
                 slot = self.members.pop(uid)
-                self.event("detect", uid=uid, replica=slot[0], stage=slot[1], reason="not ready")
+                self.event("detect", uid=uid, replica=slot[0], stage=slot[1], lane=slot[2], reason="not ready")
             self.since = time.monotonic()
             return
         if late:
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-id", default="flotilla")
     ap.add_argument("--replicas", type=int, required=True)
     ap.add_argument("--stages", type=int, required=True)
+    ap.add_argument("--lanes", type=int, default=1, help="workers per stage of a replica (parallel.lanes)")
     ap.add_argument("--heartbeat-timeout", type=float, default=2.0)
     ap.add_argument("--join-timeout", type=float, default=60.0)
     ap.add_argument("--events", default="", help="append events (JSON lines) to this file")
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("coordinator: error: set FLOTILLA_SECRET (the run's shared secret) in the environment")
     try:
         coord = Coordinator(args.port, args.run_id, secret, args.replicas, args.stages, args.heartbeat_timeout,
-                            args.join_timeout, args.events, args.host)
+                            args.join_timeout, args.events, args.host, args.lanes)
     except (ValueError, RuntimeError) as err:
         sys.exit(f"coordinator: error: {str(err).splitlines()[0]}")
     coord.serve()

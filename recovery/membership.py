@@ -30,7 +30,7 @@ class RunFinished(Exception):
 @dataclass
 class Plan:
     gen: int
-    slots: dict[str, tuple[int, int]]  # uid -> (replica, stage)
+    slots: dict[str, tuple[int, int, int]]  # uid -> (replica, stage, lane)
     fresh: list[str]  # new workers, and workers back from sitting out: their stage is rebuilt
     active: tuple[int, ...]  # replicas in this generation
 

@@ -1,8 +1,10 @@
 """Bring a new generation to one consistent state: roll back a half-committed step, rebuild fresh stages.
 
 Every rank gathers every rank's `RankInfo` and computes the same `Decision` (pure function, tested on its
-own): the step everyone resumes from, and for each fresh (replacement) slot where its stage comes from,
-tried in order:
+own): the step everyone resumes from, and for each fresh (replacement) slot (replica, stage, lane) where its
+stage comes from, tried in order:
+  lane        another lane of the same stage of the same replica (lanes hold the same weights, Adam and sync
+              state: exact in every sync mode)
   copy        the same stage of another replica (weights, Adam and sync state: exact for DDP; under DiLoCo the
               outer state is exact and the replica's local progress on that stage since the last outer step
               is replaced by the source replica's)
@@ -47,6 +49,11 @@ class RankInfo:
     grad_norm: float  # its stage's own last gradient norm (CheckFree's weight)
     outer_step: int = -1  # step of its snapshot at the last outer step (DiLoCo / NoLoCo; -1: none)
     applied: bool = False  # the last update is in the weights but its step did not finish (the sync after it)
+    lane: int = 0
+
+    @property
+    def slot(self) -> tuple[int, int, int]:
+        return self.replica, self.stage, self.lane
 
     @property
     def done(self) -> int:
@@ -55,19 +62,20 @@ class RankInfo:
 
     def pack(self) -> torch.Tensor:
         return torch.tensor([self.replica, self.stage, self.fresh, self.state_step, self.can_undo, self.grad_norm,
-                             self.outer_step, self.applied], dtype=torch.float64)
+                             self.outer_step, self.applied, self.lane], dtype=torch.float64)
 
     @staticmethod
     def unpack(t: torch.Tensor) -> "RankInfo":
-        r, s, f, step, undo, g, outer, applied = t.tolist()
-        return RankInfo(int(r), int(s), bool(f), int(step), bool(undo), g, int(outer), bool(applied))
+        r, s, f, step, undo, g, outer, applied, lane = t.tolist()
+        return RankInfo(int(r), int(s), bool(f), int(step), bool(undo), g, int(outer), bool(applied), int(lane))
 
 
 @dataclass(frozen=True)
 class Decision:
     target: int | None  # step every rank resumes from (None: a fresh start)
-    undo: tuple[tuple[int, int], ...]  # slots that take back their last update
-    sources: tuple[tuple[tuple[int, int], str, tuple[tuple[int, int], ...]], ...]  # (fresh slot, method, from slots)
+    undo: tuple[tuple[int, int, int], ...]  # slots that take back their last update
+    sources: tuple[tuple[tuple[int, int, int], str, tuple[tuple[int, int, int], ...]], ...]  # (fresh slot, method,
+    # from slots)
     checkpoint: bool  # some slot has no source: everyone reloads the latest checkpoint
     replica_targets: tuple[tuple[int, int], ...] = ()  # per replica (DiLoCo / NoLoCo): (replica, step it resumes at)
     rewind: tuple[int, ...] = ()  # replicas that go back to their snapshot of the last outer step
@@ -77,8 +85,8 @@ class Decision:
 
 
 def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = False) -> Decision:
-    survivors = {(i.replica, i.stage): i for i in infos if not i.fresh}
-    fresh = sorted((i.replica, i.stage) for i in infos if i.fresh)
+    survivors = {i.slot: i for i in infos if not i.fresh}
+    fresh = sorted(i.slot for i in infos if i.fresh)
     if not survivors:
         return Decision(None, (), (), False)
     target = min(i.done for i in survivors.values())  # an unfinished step is taken back even if every rank applied it
@@ -86,47 +94,67 @@ def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = 
     if any(i.state_step > target + 1 or (i.state_step == target + 1 and not i.can_undo) for i in survivors.values()):
         return Decision(target, (), (), True)  # no single step to agree on: only the checkpoint is common ground
     sources = []
-    for r, s in fresh:
-        other = sorted(rr for rr, ss in survivors if ss == s and rr != r)
-        if mode == "auto" and other:
-            sources.append(((r, s), "copy", ((other[0], s),)))
-        elif mode != "checkpoint" and 0 < s < stages - 1 and (r, s - 1) in survivors and (r, s + 1) in survivors:
-            sources.append(((r, s), "checkfree", ((r, s - 1), (r, s + 1))))
-        elif mode != "checkpoint" and swap and stages > 1 and s in (0, stages - 1) and \
-                (r, 1 if s == 0 else stages - 2) in survivors:
-            sources.append(((r, s), "checkfree+", ((r, 1 if s == 0 else stages - 2),)))
+    for r, s, lane in fresh:
+        sibling = sorted(ll for rr, ss, ll in survivors if (rr, ss) == (r, s))
+        other = sorted(rr for rr, ss, ll in survivors if ss == s and ll == lane and rr != r)
+        below, above, edge_keeper = (r, s - 1, lane), (r, s + 1, lane), (r, 1 if s == 0 else stages - 2, lane)
+        if mode != "checkpoint" and sibling:
+            sources.append(((r, s, lane), "lane", ((r, s, sibling[0]),)))
+        elif mode == "auto" and other:
+            sources.append(((r, s, lane), "copy", ((other[0], s, lane),)))
+        elif mode != "checkpoint" and 0 < s < stages - 1 and below in survivors and above in survivors:
+            sources.append(((r, s, lane), "checkfree", (below, above)))
+        elif mode != "checkpoint" and swap and stages > 1 and s in (0, stages - 1) and edge_keeper in survivors:
+            sources.append(((r, s, lane), "checkfree+", (edge_keeper,)))
         else:
             return Decision(target, undo, (), True)
     return Decision(target, undo, tuple(sources), False)
 
 
-def decide_per_replica(infos: list[RankInfo]) -> Decision:
-    """DiLoCo / NoLoCo: every replica resumes on its own (see the module docstring). Whole-world fallbacks: no
-    survivor (target None), or no common last outer step / no replica to copy a lost stage from (checkpoint)."""
-    survivors = {(i.replica, i.stage): i for i in infos if not i.fresh}
+def decide_per_replica(infos: list[RankInfo], coupled: bool = False) -> Decision:
+    """DiLoCo / NoLoCo: every replica resumes on its own (see the module docstring). A fresh lane whose stage kept
+    another lane is copied from it (exact); a replica whose ranks then all hold the newest outer step goes on from
+    its own committed step; any other (it lost a stage, sat out while the others took outer steps, or missed an
+    outer step's commit) rewinds to the newest outer step: its ranks that hold it restore their own snapshot, the
+    rest get a sibling lane's or a live replica's. Whole-world fallbacks: no survivor (target None), or no outer
+    step to rewind to / no replica holding it for a stage (checkpoint). coupled (random routing: micro-batches
+    cross replicas every step): replicas move in lockstep, so all resume at one step, and if one rewinds, all
+    rewind to the newest outer step."""
+    survivors = {i.slot: i for i in infos if not i.fresh}
     if not survivors:
         return Decision(None, (), (), False)
-    outer = {i.outer_step for i in survivors.values()}
+    newest = max(i.outer_step for i in survivors.values())
     fallback = Decision(min(i.done for i in survivors.values()), (), (), True)
     targets, undo, sources, rewind = [], [], [], []
     for r in sorted({i.replica for i in infos}):
         mine = [i for i in infos if i.replica == r]
-        if not any(i.fresh for i in mine):  # within a replica the pipeline keeps its stages one step apart at most
-            t = min(i.done for i in mine)
-            if any(i.state_step > t + 1 or (i.state_step == t + 1 and not i.can_undo) for i in mine):
+        sibling = {(i.stage, i.lane): sorted(j.lane for j in mine if j.stage == i.stage and j.slot in survivors
+                                             and j.outer_step == newest) for i in mine}
+        if all(sibling[i.stage, i.lane] if i.fresh else i.outer_step == newest for i in mine):
+            kept = [i for i in mine if not i.fresh]  # within a replica the pipeline keeps its stages one step apart
+            t = min(i.done for i in kept)
+            if any(i.state_step > t + 1 or (i.state_step == t + 1 and not i.can_undo) for i in kept):
                 return fallback
-            undo += [(r, i.stage) for i in mine if i.state_step == t + 1]
+            undo += [i.slot for i in kept if i.state_step == t + 1]
+            sources += [(i.slot, "lane", ((r, i.stage, sibling[i.stage, i.lane][0]),)) for i in mine if i.fresh]
             targets.append((r, t))
             continue
-        if len(outer) != 1 or -1 in outer:
+        if newest == -1:
             return fallback
-        for i in (i for i in mine if i.fresh):
-            src = sorted(rr for rr, ss in survivors if ss == i.stage and rr != r)
+        for i in (i for i in mine if i.fresh or i.outer_step != newest):
+            src = [(r, i.stage, lane) for lane in sibling[i.stage, i.lane]] or \
+                  sorted((rr, ss, ll) for (rr, ss, ll), si in survivors.items() if ss == i.stage and ll == i.lane
+                         and rr != r and si.outer_step == newest)
             if not src:
                 return fallback
-            sources.append(((r, i.stage), "rewind", ((src[0], i.stage),)))
-        targets.append((r, next(iter(outer))))
+            sources.append((i.slot, "rewind", (src[0],)))
+        targets.append((r, newest))
         rewind.append(r)
+    if coupled and rewind:
+        return Decision(newest, (), tuple(sources), False, tuple((r, newest) for r, _ in targets),
+                        tuple(r for r, _ in targets))
+    if coupled:
+        return decide(infos, 1)  # no fresh rank: one common step, a half-committed update taken back
     return Decision(min(t for _, t in targets), tuple(sorted(undo)), tuple(sources), False, tuple(targets),
                     tuple(rewind))
 
@@ -143,9 +171,10 @@ def payload(method: str, w: RankState) -> dict:
     """What a source sends for one fresh slot."""
     if method == "rewind":  # its snapshot of the last outer step
         return {**w.outer_snapshot, "lr_scale": w.lr_scale, "edge_copy": w.edge_copy, "grad_norm": w.grad_norm}
-    if method == "copy":  # with the sync state: DiLoCo's anchor and outer momentum are the same on every replica
+    if method in ("copy", "lane"):  # with the sync state: DiLoCo's anchor and outer momentum are the same on every replica
         return {"module": w.module.state_dict(), "optim": w.optimizer.state_dict(), "lr_scale": w.lr_scale,
-                "edge_copy": w.edge_copy, "grad_norm": w.grad_norm, "sync": w.sync.state_dict()}
+                "edge_copy": w.edge_copy, "grad_norm": w.grad_norm, "sync": w.sync.state_dict(),
+                "outer_snapshot": w.outer_snapshot}  # a sibling lane's: its point to rewind to
     out = {"layers": _layers(w.module), "grad_norm": w.grad_norm}
     if method == "checkfree+":
         out["edge"] = w.edge_copy  # the (de)embedding this neighbour keeps for the lost edge stage
@@ -167,12 +196,13 @@ def apply(method: str, received: list[dict], w: RankState, rule: str, lr_boost: 
         w.sync.reset_error_feedback()
         w.lr_scale, w.edge_copy, w.grad_norm = got["lr_scale"], got["edge_copy"], got["grad_norm"]
         return
-    if method == "copy":
+    if method in ("copy", "lane"):
         got = received[0]
         w.module.load_state_dict(got["module"])
         w.optimizer.load_state_dict(got["optim"])
         w.sync.load_state_dict(got["sync"], same_group=False)  # error feedback restarts with a dense round
         w.lr_scale, w.edge_copy, w.grad_norm = got["lr_scale"], got["edge_copy"], got["grad_norm"]
+        w.outer_snapshot = got["outer_snapshot"]
         return
     weights = [weight(r["grad_norm"], rule) for r in received]
     for k, layer in enumerate(w.module.layers.values()):
@@ -193,7 +223,7 @@ def run_transfers(decision: Decision, topo: Topology, w: RankState, comm: Comm, 
     """Every rank creates the same 2-rank groups in the same order (each formed within form_timeout_s, then
     given the full transfer timeout), then sources send and fresh ranks apply. Returns this rank's rebuild
     method if it was rebuilt."""
-    me = (w.replica, w.stage)
+    me = (w.replica, w.stage, w.lane)
     transfers = [(dst, method, src) for dst, method, srcs in decision.sources for src in srcs]
     groups = [dist.new_group([topo.rank(*src), topo.rank(*dst)], timeout=timedelta(seconds=form_timeout_s))
               for dst, _, src in transfers]

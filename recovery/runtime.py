@@ -258,10 +258,11 @@ def check_timeouts(cfg: Config, settings: dict) -> None:
                           f"({hb_timeout:g}s) < that + recovery.phase_margin_s ({phase:g}s) < coordinator join timeout "
                           f"({join:g}s) < parallel.timeout_s ({cfg.parallel.timeout_s:g}s): lower recovery.heartbeat_s "
                           f"or recovery.phase_margin_s, or raise the join timeout or parallel.timeout_s")
-    if (settings["replicas"], settings["stages"]) != (cfg.parallel.replicas, cfg.parallel.stages):
-        raise ConfigError(f"the coordinator runs {settings['replicas']} replica(s) x {settings['stages']} stage(s) but "
-                          f"this worker has parallel.replicas={cfg.parallel.replicas}, parallel.stages="
-                          f"{cfg.parallel.stages}: start both with the same grid")
+    grid = (settings["replicas"], settings["stages"], settings.get("lanes", 1))
+    if grid != (cfg.parallel.replicas, cfg.parallel.stages, cfg.parallel.lanes):
+        raise ConfigError(f"the coordinator runs {grid[0]} replica(s) x {grid[1]} stage(s) x {grid[2]} lane(s) but this "
+                          f"worker has parallel.replicas={cfg.parallel.replicas}, parallel.stages={cfg.parallel.stages}, "
+                          f"parallel.lanes={cfg.parallel.lanes}: start both with the same grid")
 
 
 def run_generations(cfg: Config, train: TrainLoop) -> RankState:
@@ -297,16 +298,16 @@ def run_generations(cfg: Config, train: TrainLoop) -> RankState:
 def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: str, device: torch.device, corpus,
          phase_s: float) -> RankState:
     """Join the plan's world and build its groups, each within phase_s; the rank state is made once and kept."""
-    replica, stage = plan.slots[member.uid]
-    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages, plan.active)  # a replica may sit out
-    rank = topo.rank(replica, stage)
+    replica, stage, lane = plan.slots[member.uid]
+    topo = Topology(cfg.parallel.replicas, cfg.parallel.stages, plan.active, cfg.parallel.lanes)  # a replica may sit out
+    rank = topo.rank(replica, stage, lane)
     os.environ["RANK"] = str(rank)  # for warn() and the console logger
-    hooks.at("forming", gen=plan.gen, grid_rank=replica * topo.stages + stage)
+    hooks.at("forming", gen=plan.gen, grid_rank=(replica * topo.stages + stage) * topo.lanes + lane)
     with lost_on_failure("forming the world"):
         start_generation(member.raw, plan.gen, rank, topo.world_size, backend, phase_s, keep=(w.groups,) if w else ())
         raise_timeouts([None], cfg.parallel.timeout_s)
     if w is None:
-        w = build_state(cfg, topo, replica, stage, device, corpus, member)
+        w = build_state(cfg, topo, replica, stage, device, corpus, member, lane)
         w.launch = member.launch
         os.makedirs(cfg.log.run_dir, exist_ok=True)
     w.topo, w.gen = topo, plan.gen
@@ -320,7 +321,8 @@ def my_info(w: RankState, fresh: bool) -> RankInfo:
     """What this rank tells the others when they agree on a state. A rank that never completed an agreement
     (new, or its rebuild was cut short by the next failure) is fresh whatever the plan says: it holds nothing."""
     return RankInfo(w.replica, w.stage, fresh or not w.has_state, w.committed + w.applied, w.undo is not None,
-                    w.grad_norm, w.outer_snapshot["step"] if w.outer_snapshot and w.has_state else -1, w.applied)
+                    w.grad_norm, w.outer_snapshot["step"] if w.outer_snapshot and w.has_state else -1, w.applied,
+                    w.lane)
 
 
 def take_back(w: RankState, decision: Decision) -> None:
@@ -329,7 +331,7 @@ def take_back(w: RankState, decision: Decision) -> None:
     if w.replica in decision.rewind:
         if w.has_state:
             snapshot.restore(w.outer_snapshot, w.module, w.optimizer, w.sync)
-    elif (w.replica, w.stage) in decision.undo:
+    elif (w.replica, w.stage, w.lane) in decision.undo:
         snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
     w.committed, w.applied, w.undo = decision.target_of(w.replica), False, None
 
@@ -350,7 +352,7 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
     hooks.at("agreeing", gen=gen, grid_rank=w.grid_rank)
     with lost_on_failure("agreeing"):
         infos = gather_infos(my_info(w, fresh), w.comm)
-        decision = decide_per_replica(infos) if cfg.sync.method != "ddp" else \
+        decision = decide_per_replica(infos, coupled=cfg.sync.routing) if cfg.sync.method != "ddp" else \
             decide(infos, topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
         first_start = decision.target is None and gen == 1
         resumed_from, method = None, None
@@ -369,6 +371,8 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
                                    phase_s, cfg.parallel.timeout_s)
             if any(slot[1] == w.stage for slot, _, _ in decision.sources):
                 w.sync.reset_error_feedback()  # a replica of this stage changed: a dense round first
+            if w.lane_sync and any(slot[:2] == (w.replica, w.stage) for slot, _, _ in decision.sources):
+                w.lane_sync.reset_error_feedback()  # so did a lane of it
     w.applied, w.undo, w.has_state = False, None, True
     w.loader.step = w.committed
     if w.rank == 0:
@@ -385,7 +389,7 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
         w.log.event("resumed", gen=gen, step=w.committed, checkpoint=resumed_from)
     if not first_start:
         if method:
-            w.log.event("rebuilt", gen=gen, replica=w.replica, stage=w.stage, method=method)
+            w.log.event("rebuilt", gen=gen, replica=w.replica, stage=w.stage, lane=w.lane, method=method)
         w.log.event("resumed", gen=gen, step=w.committed, undo=list(map(list, decision.undo)),
                     checkpoint=resumed_from, seconds=round(time.monotonic() - t_gen, 3))
         w.log.say(f"generation {gen}: resumed at step {w.committed}; rebuilt "

@@ -56,9 +56,8 @@ def test_overrides_and_presets_apply():
     (["parallel.lanes=4", "parallel.sp=static:3"], "must be a power of two that divides parallel.lanes=4"),
     (["parallel.lanes=4", "parallel.sp=ulysses"], "choose adaptive or static:<d>"),
     (["parallel.lanes=8"], "model.n_heads=4 must divide by the largest SP group (8 lanes"),
-    (["parallel.lanes=2", "sync.routing=true"], "not supported with recovery.coordinator or sync.routing"),
+    (["parallel.lanes=2", "sync.routing=true"], "parallel.lanes > 1 with sync.routing is not supported"),
     (["recovery.coordinator=h:1", "sync.method=diloco", "sync.H=4", "sync.fragments=2"], "set sync.fragments=1"),
-    (["recovery.coordinator=h:1", "sync.method=noloco", "sync.routing=true"], "set sync.routing=false"),
     (["checkpoint.keep=-1"], "keep=0 keeps every checkpoint"),
     (["recovery.coordinator=h:1", "recovery.phase_margin_s=0"], "recovery.phase_margin_s must be > 0"),
 ])

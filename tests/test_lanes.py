@@ -131,3 +131,30 @@ def test_lanes_under_diloco_with_ef21_lane_sync_keep_every_rank_identical(tmp_pa
     assert [s for s, _ in digests[0]] == [5, 10] and all(d == digests[0] for d in digests)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["bytes_sent"]["intra_stage"] > 0 and summary["collectives"]["cross_replica"] == 2
+
+
+@pytest.mark.parametrize("method", ["ddp", "diloco"])
+def test_a_lost_lane_is_copied_from_its_sibling_and_the_run_is_bitwise_unchanged(cluster, tmp_path, method):
+    """Recovery with lanes, 2 replicas x 1 stage x 2 lanes: lane 1 of replica 1 dies mid-step 6. Its sibling lane
+    holds the same weights, Adam and sync state, so the replacement is a copy of it: replica 1 replays only the
+    in-flight step (no rewind under DiLoCo), every ledger holds each step once, and the final weights are the
+    bits of a run that never failed."""
+    from tests.test_recovery import check_ledger, final_weights, kill_and_replace
+    cost = str(tmp_path / "cost.json")
+    COST.save(cost)
+    grid = ["parallel.microbatches=1", "model.n_layers=2", "data.seq_len=128", f"parallel.sp_cost={cost}",
+            f"sync.method={method}", "sync.H=4", "checkpoint.every=14"]
+    c = cluster(f"{method}-lane-killed", 2, 1, *grid, lanes=2)
+    kill_and_replace(c, [3])
+    assert [(e["replica"], e["stage"], e["lane"], e["method"]) for e in c.events("rebuilt")] == [(1, 0, 1, "lane")]
+    resumed = {(e["rank"] // 2, e["step"]) for e in c.events("resumed") if e.get("gen") == 2}
+    assert {step for r, step in resumed if r == 1} == {6}  # the in-flight step only, no rewind to the outer step 4
+    assert all(step >= 6 for r, step in resumed if r == 0)
+    check_ledger(c.run_dir, 2)
+    whole = cluster(f"{method}-lane-whole", 2, 1, *grid, lanes=2)
+    assert whole.wait_all([whole.worker() for _ in range(4)]) == [0] * 4
+    a, b = final_weights(c.run_dir, tmp_path), final_weights(whole.run_dir, tmp_path)
+    assert a.keys() == b.keys()
+    for replica in a:
+        for k, v in b[replica]["model"].items():
+            assert torch.equal(a[replica]["model"][k], v), (replica, k)

@@ -8,7 +8,7 @@ from config import ConfigError, load_config
 from dist.pipeline import swap_route
 from model.stages import build_stage
 from optim.sync import DDPSync
-from recovery.rebuild import RankInfo, apply, decide, weight
+from recovery.rebuild import RankInfo, apply, decide, decide_per_replica, weight
 from tests.tiny import tiny_model_config
 from recovery.runtime import check_timeouts
 
@@ -18,19 +18,19 @@ def info(r, s, fresh=False, step=10, undo=True, g=1.0):
 
 
 def test_rank_info_round_trips_through_a_tensor():
-    i = info(1, 2, True, 37, False, 0.25)
+    i = RankInfo(1, 2, True, 37, False, 0.25, 36, True, 3)
     assert RankInfo.unpack(i.pack()) == i
 
 
 def test_decide_prefers_copy_then_checkfree_then_checkpoint():
     two = [info(0, 0), info(0, 1), info(0, 2), info(1, 0), info(1, 1, fresh=True), info(1, 2)]
     d = decide(two, 3)
-    assert d.target == 10 and d.sources == (((1, 1), "copy", ((0, 1),)),) and not d.checkpoint
+    assert d.target == 10 and d.sources == (((1, 1, 0), "copy", ((0, 1, 0),)),) and not d.checkpoint
     d = decide(two, 3, mode="checkfree")
-    assert d.sources == (((1, 1), "checkfree", ((1, 0), (1, 2))),)
+    assert d.sources == (((1, 1, 0), "checkfree", ((1, 0, 0), (1, 2, 0))),)
     edge = [info(0, 0, fresh=True), info(0, 1), info(0, 2)]
     assert decide(edge, 3).checkpoint  # an edge without CheckFree+ swaps has no in-memory source
-    assert decide(edge, 3, swap=True).sources == (((0, 0), "checkfree+", ((0, 1),)),)
+    assert decide(edge, 3, swap=True).sources == (((0, 0, 0), "checkfree+", ((0, 1, 0),)),)
     adjacent = [info(0, 0), info(0, 1, fresh=True), info(0, 2, fresh=True), info(0, 3)]
     assert decide(adjacent, 4, swap=True).checkpoint  # two neighbours lost at once
     assert decide(two, 3, mode="checkpoint").checkpoint
@@ -39,9 +39,57 @@ def test_decide_prefers_copy_then_checkfree_then_checkpoint():
 def test_decide_takes_back_a_half_committed_step():
     infos = [info(0, 0, step=11), info(0, 1, step=10), info(0, 2, step=11, undo=True)]
     d = decide(infos, 3)
-    assert d.target == 10 and d.undo == ((0, 0), (0, 2)) and not d.checkpoint
+    assert d.target == 10 and d.undo == ((0, 0, 0), (0, 2, 0)) and not d.checkpoint
     assert decide([info(0, 0, step=12), info(0, 1, step=10)], 2).checkpoint  # no common step in memory
     assert decide([info(0, 0, fresh=True, step=0), info(0, 1, fresh=True, step=0)], 2).target is None  # new run
+
+
+def outer(r, s, step, outer_step, fresh=False, applied=False, lane=0):
+    return RankInfo(r, s, fresh, step + applied, True, 1.0, outer_step, applied, lane)
+
+
+def test_a_lost_lane_is_copied_from_a_sibling_lane_first():
+    lanes = [RankInfo(r, s, (r, s, lane) == (1, 1, 1), 10, True, 1.0, lane=lane)
+             for r in range(2) for s in range(2) for lane in range(2)]
+    assert decide(lanes, 2).sources == (((1, 1, 1), "lane", ((1, 1, 0),)),)
+    assert decide(lanes, 2, mode="checkfree").sources == (((1, 1, 1), "lane", ((1, 1, 0),)),)
+    both = [i if i.slot != (1, 1, 0) else RankInfo(1, 1, True, 0, False, 1.0) for i in lanes]
+    assert decide(both, 2).sources == (((1, 1, 0), "copy", ((0, 1, 0),)), ((1, 1, 1), "copy", ((0, 1, 1),)))
+    # DiLoCo: the replica goes on (the sibling's copy is exact); with both lanes lost it rewinds, lane by lane
+    per = [outer(i.replica, i.stage, 27, 24, fresh=i.fresh, lane=i.lane) for i in lanes]
+    d = decide_per_replica(per)
+    assert d.sources == (((1, 1, 1), "lane", ((1, 1, 0),)),) and not d.rewind and d.target_of(1) == 27
+    per = [outer(i.replica, i.stage, 27, 24, fresh=i.fresh, lane=i.lane) for i in both]
+    d = decide_per_replica(per)
+    assert d.rewind == (1,) and d.sources == (((1, 1, 0), "rewind", ((0, 1, 0),)), ((1, 1, 1), "rewind", ((0, 1, 1),)))
+
+
+def test_per_replica_decision_rewinds_only_replicas_without_the_newest_outer_step():
+    # replica 0 intact at step 27 (outer step 24); replica 1 lost stage 1: it rewinds to 24, stage 1 from replica 0
+    d = decide_per_replica([outer(0, 0, 27, 24), outer(0, 1, 27, 24), outer(1, 0, 26, 24),
+                            outer(1, 1, 0, -1, fresh=True)])
+    assert dict(d.replica_targets) == {0: 27, 1: 24} and d.rewind == (1,) and not d.checkpoint
+    assert d.sources == (((1, 1, 0), "rewind", ((0, 1, 0),)),)
+    # replica 1 sat out from step 9 (outer step 8) while replica 0 took outer steps to 24: it rejoins at 24
+    # from replica 0's snapshots; a mid-update rank of replica 0 takes its step back
+    d = decide_per_replica([outer(0, 0, 26, 24, applied=True), outer(0, 1, 26, 24), outer(1, 0, 9, 8),
+                            outer(1, 1, 9, 8)])
+    assert dict(d.replica_targets) == {0: 26, 1: 24} and d.undo == ((0, 0, 0),) and not d.checkpoint
+    assert d.sources == (((1, 0, 0), "rewind", ((0, 0, 0),)), ((1, 1, 0), "rewind", ((0, 1, 0),)))
+    # a rank that missed the last outer step's commit: its replica rewinds to it, that rank from another replica
+    d = decide_per_replica([outer(0, 0, 24, 24), outer(0, 1, 24, 24), outer(1, 0, 24, 24), outer(1, 1, 24, 20)])
+    assert d.rewind == (1,) and d.sources == (((1, 1, 0), "rewind", ((0, 1, 0),)),)
+    # nobody else holds the newest outer step of a stage: only the checkpoint is common ground
+    assert decide_per_replica([outer(0, 0, 24, 24), outer(0, 1, 0, -1, fresh=True), outer(1, 0, 22, 20),
+                               outer(1, 1, 22, 20)]).checkpoint
+    assert decide_per_replica([outer(0, 0, 0, -1, fresh=True)]).target is None
+    # routed replicas move in lockstep: one replica's rewind rewinds all, and otherwise all resume at one step
+    d = decide_per_replica([outer(0, 0, 27, 24), outer(0, 1, 27, 24), outer(1, 0, 27, 24),
+                            outer(1, 1, 0, -1, fresh=True)], coupled=True)
+    assert d.rewind == (0, 1) and dict(d.replica_targets) == {0: 24, 1: 24} and d.target == 24
+    d = decide_per_replica([outer(0, 0, 27, 24, applied=True), outer(0, 1, 27, 24), outer(1, 0, 27, 24),
+                            outer(1, 1, 27, 24)], coupled=True)
+    assert d.target == 27 and d.undo == ((0, 0, 0),) and not d.rewind and d.target_of(1) == 27
 
 
 def test_checkfree_rebuild_is_the_gradient_norm_weighted_average_with_boosted_lr():

@@ -26,7 +26,8 @@ def check_ledger(run_dir, replicas, steps=14):
 
 def kill_and_replace(c, victims, at_step=6):
     """Start the grid with `victims` (initial ranks) dying mid-step `at_step`; start one replacement per victim."""
-    workers = [c.worker(env=fault_env("step", step=at_step, grid_rank_in=victims)) for _ in range(c.replicas * c.stages)]
+    workers = [c.worker(env=fault_env("step", step=at_step, grid_rank_in=victims))
+               for _ in range(c.replicas * c.stages * c.lanes)]
     c.wait_for(lambda: sum(p.poll() is not None for p in workers) == len(victims), what="the victims to die")
     assert sorted(p.returncode for p in workers if p.poll() is not None) == [-signal.SIGKILL] * len(victims)
     replacements = [c.worker() for _ in victims]
@@ -175,11 +176,14 @@ def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, met
     (["sync.method=diloco"], 3, "step"),  # replica 1's first stage, mid-step 6
     (["sync.method=diloco"], 5, "updated"),  # its last stage, after the update of step 7: mid outer step 8
     (["sync.method=diloco", "sync.compress=ef21-topk"], 4, "step"),
+    (["sync.method=diloco", "sync.routing=true"], 4, "step"),  # routed: replica 0 rewinds with it (lockstep)
+    (["sync.method=noloco", "sync.routing=true"], 5, "updated"),
 ])
 def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync, victim, point):
     """The other stages and moments: the first and the last stage, and a death between a step's update and
-    its outer exchange (the other replica is then waiting in the outer step). The replica rewinds, the run
-    finishes, every ledger holds each step once, and DiLoCo replicas agree after every outer step."""
+    its outer exchange (the other replica is then waiting in the outer step); and routed pipelines, whose
+    replicas all rewind together. The replica rewinds, the run finishes, every ledger holds each step once, and
+    DiLoCo replicas agree after every outer step."""
     c = cluster("edge", 2, 3, *sync, "sync.H=4")
     step = 7 if point == "updated" else 6
     workers = [c.worker(env=fault_env(point, step=step, grid_rank=victim)) for _ in range(6)]
@@ -188,6 +192,8 @@ def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync,
     assert c.wait_all([p for p in workers if p.poll() is None] + [replacement]) == [0] * 6, c.tail()
     assert [(e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")] == [(1, victim - 3, "rewind")]
     check_ledger(c.run_dir, 2)
+    if "sync.routing=true" in sync:
+        assert {e["step"] for e in c.events("resumed") if e.get("gen") == 2} == {4}  # the outer step at 8 never committed
     if "sync.method=diloco" in sync:
         for stage in range(3):
             a = read_log(os.path.join(c.run_dir, "sync", f"rank{stage}.jsonl"))
