@@ -130,6 +130,9 @@ class RecoveryConfig:
     edge_copy_every: int = 10  # CheckFree+: steps between refreshing the (de)embedding copies on the neighbours
     abort_timeout_s: float = 20.0  # coordinator lost: how long survivors try to agree on a final checkpoint
     phase_margin_s: float = 5.0  # forming a world / building groups may take the heartbeat timeout plus this
+    rejoin: str = "skip"  # DiLoCo, a replica that lost a stage: skip (it joins the next outer step without its
+    # unfinished inner steps: the others never wait) | replay (it redoes them from the last outer step: exact, the
+    # others wait for it at the next outer step). NoLoCo always replays
 
 
 @dataclass
@@ -354,6 +357,8 @@ def validate_recovery(cfg: Config) -> None:
         raise ConfigError("recovery.coordinator with streaming DiLoCo (sync.fragments > 1) is not supported yet (a "
                           "replica that loses a stage rewinds to one outer step shared by the whole stage): set "
                           "sync.fragments=1")
+    if r.rejoin not in ("skip", "replay"):
+        raise ConfigError(f"recovery.rejoin='{r.rejoin}': choose skip or replay")
     if r.rebuild not in ("auto", "checkfree", "checkpoint"):
         raise ConfigError(f"recovery.rebuild='{r.rebuild}': choose auto, checkfree or checkpoint")
     if r.checkfree_weight not in ("grad_norm", "grad_norm_sq", "uniform"):

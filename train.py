@@ -82,56 +82,72 @@ def lanes_sum(w: RankState, value: float) -> float:
     return float(total)
 
 
+def inner_step(w: RankState, step: int) -> tuple[float, float, float, StepWork]:
+    """Forward, backward and the inner update of one step on this replica's batch; returns (loss, lr, grad norm,
+    this rank's work). With recovery on, the state before the update is kept so a half-committed step can be
+    taken back."""
+    cfg, topo, module = w.cfg, w.topo, w.module
+    batch = w.loader.next_batch()  # this replica's samples
+    w.log.record_samples(step, batch.sample_ids)  # the ledger, before they reach any peer: a step that is
+    # rolled back is truncated from it, and one another replica commits after this rank dies stays in it
+    work = split_batch(w, batch, step)
+    if cfg.recovery.swap:  # CheckFree+: some micro-batches run the edge stages' layers swapped
+        routes = [swap_route(topo.stages, step * len(work.microbatches) + i) for i in range(len(work.microbatches))]
+        loss = train_step_routes(module, work.microbatches, routes, w.groups, w.comm, w.stage, work.n_tokens)
+    else:
+        loss = train_step(module, work.microbatches, work.hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
+                          topo.stages, work.n_tokens, work.run)
+    loss = lanes_sum(w, loss) / topo.lanes  # each lane's part was scaled by L
+    hooks.at("step", step=step, grid_rank=w.grid_rank)  # mid-step, before the update (tests inject faults here)
+    if w.lane_sync:
+        w.lane_sync.before_update()  # the lanes of this stage first: then every lane holds the same gradient
+    w.sync.before_update()
+    grad_norm, w.grad_norm = clip_global_grad_norm(list(module.parameters()), cfg.optim.grad_clip, w.groups.replica,
+                                                   w.comm, topo.stages)
+    lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale
+    set_lr(w.optimizer, lr)
+    if w.member:
+        w.undo = snapshot.take(module, w.optimizer, w.sync)  # so a half-committed step can be taken back
+    w.optimizer.step()
+    w.optimizer.zero_grad(set_to_none=False)
+    w.applied = True
+    return loss, lr, grad_norm, work
+
+
 def train(w: RankState) -> None:
     """Steps from w.committed to the end. A step reads top to bottom; with recovery on, a lost peer raises
     GenerationLost out of any transfer and the step is replayed in the next generation."""
-    cfg, topo, module, params, meter = w.cfg, w.topo, w.module, list(w.module.parameters()), w.meter
+    cfg, topo, params, meter = w.cfg, w.topo, list(w.module.parameters()), w.meter
     val_batches = validation_batches(w.corpus.val, w.corpus.eos, cfg.log.eval_batches, cfg.train.batch_size, 0, 1)
     loss_sum_interval, steps_interval = 0.0, 0
-    for step in range(w.committed, cfg.train.steps):
+    for step in range(w.join_at - 1 if w.join_at else w.committed, cfg.train.steps):
         t0 = time.perf_counter()
-        batch = w.loader.next_batch()  # this replica's samples
-        w.log.record_samples(step, batch.sample_ids)  # the ledger, before they reach any peer: a step that is
-        # rolled back is truncated from it, and one another replica commits after this rank dies stays in it
-        work = split_batch(w, batch, step)
-        if cfg.recovery.swap:  # CheckFree+: some micro-batches run the edge stages' layers swapped
-            routes = [swap_route(topo.stages, step * len(work.microbatches) + i) for i in range(len(work.microbatches))]
-            loss = train_step_routes(module, work.microbatches, routes, w.groups, w.comm, w.stage, work.n_tokens)
+        if w.join_at == step + 1:  # DiLoCo, rejoining at this outer step: the weights are the anchor (a zero
+            loss, grad_norm, work = None, w.grad_norm, None  # pseudo-gradient); its unfinished inner steps are
+            lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale  # not redone
+            w.loader.step = step + 1
         else:
-            loss = train_step(module, work.microbatches, work.hops, w.groups, w.comm, cfg.parallel.schedule, w.stage,
-                              topo.stages, work.n_tokens, work.run)
-        loss = lanes_sum(w, loss) / topo.lanes  # each lane's part was scaled by L
-        hooks.at("step", step=step, grid_rank=w.grid_rank)  # mid-step, before the update (tests inject faults here)
-        if w.lane_sync:
-            w.lane_sync.before_update()  # the lanes of this stage first: then every lane holds the same gradient
-        w.sync.before_update()
-        grad_norm, w.grad_norm = clip_global_grad_norm(params, cfg.optim.grad_clip, w.groups.replica, w.comm,
-                                                       topo.stages)
-        lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale
-        set_lr(w.optimizer, lr)
-        if w.member:
-            w.undo = snapshot.take(module, w.optimizer, w.sync)  # so a half-committed step can be taken back
-        w.optimizer.step()
-        w.optimizer.zero_grad(set_to_none=False)
-        w.applied = True
+            loss, lr, grad_norm, work = inner_step(w, step)
         done = step + 1
         hooks.at("updated", step=step, grid_rank=w.grid_rank)  # between the update and the outer exchange
         synced = w.sync.after_update(done)
         if cfg.recovery.swap and done % cfg.recovery.edge_copy_every == 0:
             refresh_edge_copies(w, w.comm, topo.stages)
-        w.committed, w.applied = done, False
+        w.committed, w.applied, w.join_at = done, False, None
         if synced:
             keep_outer_snapshot(w, done)  # DiLoCo / NoLoCo under recovery: the point a replica rewinds to
         seconds = time.perf_counter() - t0
-        meter.add(seconds)
+        if work:
+            meter.add(seconds)
 
         # the step is committed: record it
         if synced:
             w.log.record_sync(done, synced, params, w.comm, w.sync.outer_update_norm())
-        w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm,
-                          **(log_plan(w, done, work.plan, seconds) if work.plan else {}))
-        loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
-        if done % cfg.log.log_every == 0 or done == cfg.train.steps:
+        if work:  # not a rejoining replica's skipped step
+            w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm,
+                              **(log_plan(w, done, work.plan, seconds) if work.plan else {}))
+            loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
+        if steps_interval and (done % cfg.log.log_every == 0 or done == cfg.train.steps):
             mean_loss = loss_sum_interval / steps_interval  # replica 0's: no cross-replica traffic for metrics
             tps = meter.interval()
             sent = w.comm.totals()

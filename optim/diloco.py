@@ -42,6 +42,7 @@ class DiLoCo:
         self.H, self.lr, self.mu, self.nesterov, self.precision = H, lr, mu, nesterov, precision
         self.comm, self.group, self.link, self.n, self.transport = comm, group, link, n, transport
         self.should_commit = should_commit
+        self.contributors: dict[int, int] = {}  # outer step -> replicas contributing to it, when fewer than n
         self.P = max(1, fragments)
         self.params = [p for _, p in named_params]
         self.members = [[i for i, (name, _) in enumerate(named_params) if fragment_of(name, self.P) == f]
@@ -77,6 +78,9 @@ class DiLoCo:
                 averages[f] = self.transport.mean(delta, done)
             else:
                 averages[f] = mean_over_group(delta, self.precision, self.comm, self.group, self.link, self.n)
+        k = self.contributors.pop(done, self.n)
+        for avg in averages.values():  # a replica rejoining at this outer step sends a zero pseudo-gradient (its
+            avg.mul_(self.n / k)  # weights are the anchor): the mean is over the k that trained (exact: n / k = 1)
         if synced and self.should_commit:
             self.should_commit()  # every rank's exchange succeeded, or none applies it (recovery on)
         moved = 0.0

@@ -103,6 +103,10 @@ class OuterSync:
             synced = [*synced, "average"]
         return synced
 
+    def expect_contributors(self, step: int, k: int) -> None:
+        """DiLoCo: only k replicas trained towards the outer step at `step` (the others rejoin at it)."""
+        self.outer.contributors = {step: k}
+
     def reset_error_feedback(self) -> None:
         for ef in getattr(self.outer, "ef", None) or ():  # NoLoCo has none
             ef.reset()

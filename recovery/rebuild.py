@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,8 @@ class Decision:
     checkpoint: bool  # some slot has no source: everyone reloads the latest checkpoint
     replica_targets: tuple[tuple[int, int], ...] = ()  # per replica (DiLoCo / NoLoCo): (replica, step it resumes at)
     rewind: tuple[int, ...] = ()  # replicas that go back to their snapshot of the last outer step
+    skip: tuple[int, ...] = ()  # rewound replicas that skip to the outer step at `join` (DiLoCo, recovery.rejoin=skip)
+    join: int | None = None
 
     def target_of(self, replica: int) -> int | None:
         return dict(self.replica_targets).get(replica, self.target)
@@ -111,7 +114,18 @@ def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = 
     return Decision(target, undo, tuple(sources), False)
 
 
-def decide_per_replica(infos: list[RankInfo], coupled: bool = False) -> Decision:
+def join_step(newest: int, H: int, steps: int, checkpoint_every: int) -> int | None:
+    """The outer step a rewound DiLoCo replica can rejoin at without its unfinished inner steps: the next one,
+    if its snapshot is of an outer step (weights = anchor: a zero pseudo-gradient; not a checkpoint loaded between
+    two) and the run gets there with no checkpoint in between (a save needs every replica in its step)."""
+    join = newest + H
+    if newest % H or join > steps or (checkpoint_every and any(c % checkpoint_every == 0 for c in range(newest + 1, join))):
+        return None
+    return join
+
+
+def decide_per_replica(infos: list[RankInfo], coupled: bool = False, join: Callable[[int], int | None] | None = None
+                       ) -> Decision:
     """DiLoCo / NoLoCo: every replica resumes on its own (see the module docstring). A fresh lane whose stage kept
     another lane is copied from it (exact); a replica whose ranks then all hold the newest outer step goes on from
     its own committed step; any other (it lost a stage, sat out while the others took outer steps, or missed an
@@ -119,7 +133,8 @@ def decide_per_replica(infos: list[RankInfo], coupled: bool = False) -> Decision
     rest get a sibling lane's or a live replica's. Whole-world fallbacks: no survivor (target None), or no outer
     step to rewind to / no replica holding it for a stage (checkpoint). coupled (random routing: micro-batches
     cross replicas every step): replicas move in lockstep, so all resume at one step, and if one rewinds, all
-    rewind to the newest outer step."""
+    rewind to the newest outer step. join (DiLoCo, recovery.rejoin=skip): newest outer step -> the outer step a
+    rewound replica rejoins at (`join_step`) instead of replaying its inner steps, or None where it must replay."""
     survivors = {i.slot: i for i in infos if not i.fresh}
     if not survivors:
         return Decision(None, (), (), False)
@@ -150,6 +165,10 @@ def decide_per_replica(infos: list[RankInfo], coupled: bool = False) -> Decision
             sources.append((i.slot, "rewind", (src[0],)))
         targets.append((r, newest))
         rewind.append(r)
+    join_at = join(newest) if join and rewind and not coupled else None
+    if join_at is not None:
+        return Decision(min(t for _, t in targets), tuple(sorted(undo)), tuple(sources), False, tuple(targets),
+                        tuple(rewind), tuple(rewind), join_at)
     if coupled and rewind:
         return Decision(newest, (), tuple(sources), False, tuple((r, newest) for r, _ in targets),
                         tuple(r for r, _ in targets))

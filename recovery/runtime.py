@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from functools import partial
 import tempfile
 import threading
 import time
@@ -40,8 +41,8 @@ from optim.sync import build_lane_sync, build_sync
 from recovery import checkpoint, hooks, snapshot
 from recovery.checkpoint import CheckpointError
 from recovery.membership import CoordinatorLost, Member, Plan
-from recovery.rebuild import (Decision, RankInfo, decide, decide_per_replica, gather_infos, refresh_edge_copies,
-                              run_transfers)
+from recovery.rebuild import (Decision, RankInfo, decide, decide_per_replica, gather_infos, join_step,
+                              refresh_edge_copies, run_transfers)
 from recovery.state import RankState, build_state
 
 TrainLoop = Callable[[RankState], None]
@@ -349,11 +350,17 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
     the first generation): trained progress is never thrown away."""
     cfg, topo = w.cfg, w.topo
     w.module.zero_grad(set_to_none=False)
+    w.join_at = None
     hooks.at("agreeing", gen=gen, grid_rank=w.grid_rank)
     with lost_on_failure("agreeing"):
         infos = gather_infos(my_info(w, fresh), w.comm)
-        decision = decide_per_replica(infos, coupled=cfg.sync.routing) if cfg.sync.method != "ddp" else \
-            decide(infos, topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
+        if cfg.sync.method == "ddp":
+            decision = decide(infos, topo.stages, cfg.recovery.rebuild, cfg.recovery.swap)
+        else:
+            join = None
+            if cfg.sync.method == "diloco" and cfg.recovery.rejoin == "skip":
+                join = partial(join_step, H=cfg.sync.H, steps=cfg.train.steps, checkpoint_every=cfg.checkpoint.every)
+            decision = decide_per_replica(infos, coupled=cfg.sync.routing, join=join)
         first_start = decision.target is None and gen == 1
         resumed_from, method = None, None
         if decision.target is None or decision.checkpoint:  # nothing in memory to agree on, or a slot has no source
@@ -371,8 +378,13 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
                                    phase_s, cfg.parallel.timeout_s)
             if any(slot[1] == w.stage for slot, _, _ in decision.sources):
                 w.sync.reset_error_feedback()  # a replica of this stage changed: a dense round first
-            if w.lane_sync and any(slot[:2] == (w.replica, w.stage) for slot, _, _ in decision.sources):
-                w.lane_sync.reset_error_feedback()  # so did a lane of it
+            if w.lane_sync and (w.replica in decision.rewind or
+                                any(slot[:2] == (w.replica, w.stage) for slot, _, _ in decision.sources)):
+                w.lane_sync.reset_error_feedback()  # so did a lane of it, or this replica went back
+            if decision.skip:  # the replicas that rejoin send zeros at the join step: a dense round, a mean over
+                w.sync.reset_error_feedback()  # the replicas that trained
+                w.sync.expect_contributors(decision.join, len(topo.members) - len(decision.skip))
+            w.join_at = decision.join if w.replica in decision.skip else None
     w.applied, w.undo, w.has_state = False, None, True
     w.loader.step = w.committed
     if w.rank == 0:
@@ -390,10 +402,13 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
     if not first_start:
         if method:
             w.log.event("rebuilt", gen=gen, replica=w.replica, stage=w.stage, lane=w.lane, method=method)
-        w.log.event("resumed", gen=gen, step=w.committed, undo=list(map(list, decision.undo)),
+        w.log.event("resumed", gen=gen, replica=w.replica, step=w.committed, undo=list(map(list, decision.undo)),
+                    rejoin_at=w.join_at,
                     checkpoint=resumed_from, seconds=round(time.monotonic() - t_gen, 3))
         w.log.say(f"generation {gen}: resumed at step {w.committed}; rebuilt "
                   f"{[(list(s), m) for s, m, _ in decision.sources] or 'nothing'}"
+                  + (f"; replica(s) {list(decision.skip)} rejoin at the outer step {decision.join}" if decision.skip
+                     else "")
                   + (f" from {resumed_from}" if resumed_from else ""))
 
 

@@ -59,6 +59,7 @@ class RankState:
     applied: bool = False  # the in-flight step's update is already in the weights
     undo: dict | None = None  # the state before the last update (recovery on)
     outer_snapshot: dict | None = None  # DiLoCo / NoLoCo with recovery on: the state at the last outer step
+    join_at: int | None = None  # DiLoCo: this replica skips its inner steps and rejoins at this outer step
     val_loss: float = float("nan")
     meter: Throughput | None = None
 

@@ -8,7 +8,7 @@ from config import ConfigError, load_config
 from dist.pipeline import swap_route
 from model.stages import build_stage
 from optim.sync import DDPSync
-from recovery.rebuild import RankInfo, apply, decide, decide_per_replica, weight
+from recovery.rebuild import RankInfo, apply, decide, decide_per_replica, join_step, weight
 from tests.tiny import tiny_model_config
 from recovery.runtime import check_timeouts
 
@@ -90,6 +90,18 @@ def test_per_replica_decision_rewinds_only_replicas_without_the_newest_outer_ste
     d = decide_per_replica([outer(0, 0, 27, 24, applied=True), outer(0, 1, 27, 24), outer(1, 0, 27, 24),
                             outer(1, 1, 27, 24)], coupled=True)
     assert d.target == 27 and d.undo == ((0, 0, 0),) and not d.rewind and d.target_of(1) == 27
+
+
+def test_a_rewound_diloco_replica_rejoins_at_the_next_outer_step_when_nothing_needs_it_before():
+    lost = [outer(0, 0, 27, 24), outer(0, 1, 27, 24), outer(1, 0, 26, 24), outer(1, 1, 0, -1, fresh=True)]
+    join = lambda newest: join_step(newest, 8, 100, 0)  # noqa: E731
+    d = decide_per_replica(lost, join=join)
+    assert d.skip == (1,) and d.join == 32 and d.rewind == (1,) and d.target_of(1) == 24 and d.target_of(0) == 27
+    assert decide_per_replica(lost, join=join, coupled=True).skip == ()  # routed replicas move in lockstep
+    assert join_step(24, 8, 100, 16) == 32  # checkpoints at outer steps: none in between
+    assert join_step(24, 8, 100, 10) is None  # a checkpoint at 30 needs every replica at step 30
+    assert join_step(24, 8, 30, 0) is None  # the run ends before the next outer step: replay
+    assert join_step(20, 8, 100, 0) is None  # a snapshot between outer steps (a checkpoint loaded there): replay
 
 
 def test_checkfree_rebuild_is_the_gradient_norm_weighted_average_with_boosted_lr():
