@@ -141,7 +141,8 @@ class RunLog:
     def record_samples(self, step: int, sample_ids: list[int]) -> None:
         if self.ledger:
             self.fence()
-            self.ledger.write(json.dumps({"step": step, "samples": sample_ids, "gen": self.gen}) + "\n")
+            self.ledger.write(json.dumps({"step": step, "samples": sample_ids, "t": time.time(), "gen": self.gen})
+                              + "\n")
             self.ledger.flush()
 
     def record_sync(self, step: int, fragments: list, params, comm, moved: float = 0.0) -> None:

@@ -33,7 +33,7 @@ from recovery import hooks, snapshot
 from recovery.checkpoint import CheckpointError
 from recovery.membership import MembershipError, RunFinished
 from recovery.rebuild import refresh_edge_copies
-from recovery.runtime import close, keep_outer_snapshot, run, save_checkpoint
+from recovery.runtime import close, keep_outer_snapshot, run, save_checkpoint, stop_before_world_step
 from recovery.state import RankState
 
 
@@ -122,6 +122,7 @@ def train(w: RankState) -> None:
     loss_sum_interval, steps_interval = 0.0, 0
     for step in range(w.join_at - 1 if w.join_at else w.committed, cfg.train.steps):
         t0 = time.perf_counter()
+        stop_before_world_step(w, step + 1)  # the generation ended elsewhere: train on only to the next outer step
         if w.join_at == step + 1:  # DiLoCo, rejoining at this outer step: the weights are the anchor (a zero
             loss, grad_norm, work = None, w.grad_norm, None  # pseudo-gradient); its unfinished inner steps are
             lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale  # not redone

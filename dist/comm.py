@@ -17,9 +17,10 @@ LANE = "intra_stage"  # between lanes of one stage (sequence-parallel all-to-all
 class GenerationLost(RuntimeError):
     """A transfer failed (a peer died) or the coordinator ended this generation: abandon the step."""
 
-    def __init__(self, msg: str, transfer_failed: bool):
+    def __init__(self, msg: str, transfer_failed: bool, within_replica: bool = True):
         super().__init__(msg)
         self.transfer_failed = transfer_failed  # False: the coordinator (or a deadline) ended it
+        self.within_replica = within_replica  # the failed transfer's peer may be of this replica (not only another)
 
 
 class Comm:
@@ -29,8 +30,10 @@ class Comm:
     the tensor, an all-gather (n - 1) times this rank's part; a point-to-point transfer its size.
     """
 
-    def __init__(self, abort=None):
+    def __init__(self, abort=None, ending=None):
         self.abort = abort  # threading.Event set when the generation ends (recovery on); None: plain blocking waits
+        self.ending = ending  # set while this rank's replica trains on to its next outer step after the generation
+        # ended elsewhere (DiLoCo): transfers inside the replica go on, any other raises GenerationLost
         self.bytes_sent: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)  # collectives
         self.p2p: dict[str, int] = defaultdict(int)  # point-to-point transfers
@@ -41,7 +44,7 @@ class Comm:
             return
         self.bytes_sent[link] += 2 * (n - 1) / n * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        self.wait(self._issue(dist.all_reduce, tensor, op=op, group=group, async_op=True))
+        self.wait(self._issue(dist.all_reduce, tensor, op=op, group=group, async_op=True), link)
 
     def all_gather(self, tensor: torch.Tensor, group, link: str) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape everywhere), in group rank order."""
@@ -51,7 +54,7 @@ class Comm:
         self.bytes_sent[link] += (n - 1) * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
         out = [torch.empty_like(tensor) for _ in range(n)]
-        self.wait(self._issue(dist.all_gather, out, tensor, group=group, async_op=True))
+        self.wait(self._issue(dist.all_gather, out, tensor, group=group, async_op=True), link)
         return out
 
     def send(self, tensor: torch.Tensor, pair, link: str = INTRA):
@@ -60,9 +63,9 @@ class Comm:
         self.p2p[link] += 1
         return self._issue(dist.broadcast, tensor, src=dist.get_rank(), group=pair, async_op=True)
 
-    def recv(self, tensor: torch.Tensor, pair, src: int) -> torch.Tensor:
+    def recv(self, tensor: torch.Tensor, pair, src: int, link: str = INTRA) -> torch.Tensor:
         """Receive into `tensor` from global rank `src` of a 2-rank group (broadcast: pollable on gloo)."""
-        self.wait(self._issue(dist.broadcast, tensor, src=src, group=pair, async_op=True))
+        self.wait(self._issue(dist.broadcast, tensor, src=src, group=pair, async_op=True), link)
         return tensor
 
     def exchange(self, tensor: torch.Tensor, pair, peer: int, link: str = CROSS) -> torch.Tensor:
@@ -71,9 +74,9 @@ class Comm:
         theirs = torch.empty_like(tensor)
         for src in sorted((me, peer)):  # both ends issue the two transfers in the same order
             if src == me:
-                self.wait(self.send(tensor, pair, link))
+                self.wait(self.send(tensor, pair, link), link)
             else:
-                self.recv(theirs, pair, src)
+                self.recv(theirs, pair, src, link)
         return theirs
 
     def barrier(self, group=None, link: str = "control") -> None:
@@ -87,11 +90,11 @@ class Comm:
             buf = io.BytesIO()
             torch.save(obj, buf)
             data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-            self.wait(self.send(torch.tensor([data.numel()]), group, link))
-            self.wait(self.send(data, group, link))
+            self.wait(self.send(torch.tensor([data.numel()]), group, link), link)
+            self.wait(self.send(data, group, link), link)
             return obj
-        n = self.recv(torch.zeros(1, dtype=torch.int64), group, src)
-        data = self.recv(torch.empty(int(n), dtype=torch.uint8), group, src)
+        n = self.recv(torch.zeros(1, dtype=torch.int64), group, src, link)
+        data = self.recv(torch.empty(int(n), dtype=torch.uint8), group, src, link)
         return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
     def blocking(self, fn, what: str):
@@ -111,7 +114,7 @@ class Comm:
         thread = threading.Thread(target=target, name=what, daemon=True)  # abandoned on abort: its groups are parked
         thread.start()
         while thread.is_alive():
-            if self.abort.is_set():
+            if self.abort.is_set() or (self.ending is not None and self.ending.is_set()):
                 raise GenerationLost(f"the generation ended during {what}", False)
             thread.join(0.01)
         if "error" in box:
@@ -131,22 +134,25 @@ class Comm:
                 raise
             raise GenerationLost(str(err).splitlines()[0], True) from None
 
-    def wait(self, work) -> None:
+    def wait(self, work, link: str = INTRA) -> None:
         """Wait for a transfer; with recovery on, poll it so that a dead peer or an ended generation
-        raises GenerationLost instead of blocking until the group timeout."""
+        raises GenerationLost instead of blocking until the group timeout (while `ending`, only a transfer
+        between the stages or lanes of this replica may go on)."""
         if self.abort is None:
             work.wait()
             return
+        if self.ending is not None and self.ending.is_set() and link not in (INTRA, LANE):
+            raise GenerationLost(f"the generation ended: this replica stops at its {link} transfer", False)
         pause = 5e-5
         while not work.is_completed():
-            if self.abort.is_set():
+            if self.abort.is_set() or (self.ending is not None and self.ending.is_set() and link not in (INTRA, LANE)):
                 raise GenerationLost("the coordinator ended this generation", False)
             time.sleep(pause)
             pause = min(2 * pause, 5e-4)  # short: every wait adds up to one pause of latency to the step
         try:
             work.wait()
         except RuntimeError as err:
-            raise GenerationLost(str(err).splitlines()[0], True) from None
+            raise GenerationLost(str(err).splitlines()[0], True, link in (INTRA, LANE)) from None
 
     def totals(self) -> dict[str, float]:
         out = {INTRA: self.bytes_sent[INTRA], CROSS: self.bytes_sent[CROSS]}

@@ -110,6 +110,7 @@ class Coordinator:
         self.left: set[str] = set()
         self.previous: set[str] = set()  # members of the last plan (the others in a plan are fresh)
         self.active: list[int] = list(range(self.replicas))  # replicas training in the current generation
+        self.affected: set[int] = set()  # replicas that lost a member since the last generation ended
         self.hostname = socket.gethostname()
         self.signed.put("run", json.dumps({"replicas": self.replicas, "stages": self.stages, "lanes": self.lanes,
                                            "heartbeat_timeout_s": self.heartbeat_timeout_s,
@@ -171,11 +172,18 @@ class Coordinator:
                 pass
         return time.monotonic() - w.seen < self.heartbeat_timeout_s
 
-    def end_generation(self, reason: str, **fields) -> None:
+    def end_generation(self, reason: str, replicas: set[int], **fields) -> None:
+        """End the generation (once), naming the replicas that lost a member: `ending/<gen+1>`, signed, written
+        before the epoch moves and grown by later losses while the next one forms. Workers of other replicas may
+        train on to their next outer step (DiLoCo) before they get ready."""
         if not self.forming:
-            self.forming, self.since = True, time.monotonic()
+            self.forming, self.since, self.affected = True, time.monotonic(), set(replicas)
+            self.signed.put(f"ending/{self.gen + 1}", json.dumps(sorted(self.affected)))
             self.signed.put("epoch", str(self.gen + 1))
-            self.event("generation-ended", gen=self.gen, reason=reason, **fields)
+            self.event("generation-ended", gen=self.gen, reason=reason, replicas=sorted(replicas), **fields)
+        elif not replicas <= self.affected:
+            self.affected |= replicas
+            self.signed.put(f"ending/{self.gen + 1}", json.dumps(sorted(self.affected)))
 
     def check_members(self) -> None:
         for uid in list(self.members):
@@ -187,13 +195,16 @@ class Coordinator:
                 slot = self.members.pop(uid)
                 self.event("detect", uid=uid, replica=slot[0], stage=slot[1], lane=slot[2],
                            silent_s=round(time.monotonic() - self.workers[uid].seen, 3))
-                self.end_generation("lost", uid=uid)
+                self.end_generation("lost", {slot[0]}, uid=uid)
         self.waiting = [u for u in self.waiting if self.alive(self.workers[u])]
-        reporter = next((u for u in self.members if self.signed.has(f"trouble/{self.gen}/{u}")), None)
-        if not self.forming and reporter:
-            self.end_generation("reported", by=reporter)  # a worker saw a transfer fail: re-form (the dead are found meanwhile)
+        reports = {u: self.signed.get(f"trouble/{self.gen}/{u}") for u in self.members}
+        reporters = [u for u, kind in reports.items() if kind]
+        if reporters:  # a worker saw a transfer fail (or stopped while its replica trained on): end the generation;
+            # its replica re-forms at once if the peer may have been one of its own (the dead are found meanwhile)
+            self.end_generation("reported", {self.members[u][0] for u in reporters if reports[u] == "replica"},
+                                by=reporters[0])
         if not self.forming and self.waiting and len(self.active) < self.replicas:
-            self.end_generation("rejoin")  # a replacement for a replica that sits out: bring it back
+            self.end_generation("rejoin", set())  # a replacement for a replica that sits out: bring it back
 
     def try_plan(self) -> None:
         taken = set(self.members.values())
@@ -216,11 +227,13 @@ class Coordinator:
         gen = self.gen + 1
         plan_members = {u: s for u, s in self.members.items() if s[0] in active}
         late = [uid for uid in plan_members if not self.signed.has(f"ready/{gen}/{uid}")]
-        stuck = [uid for uid in late if uid in self.previous]  # members of the last plan (a newcomer is ready at once)
+        stuck = [uid for uid in late if uid in self.previous  # members of the last plan (a newcomer is ready at
+                 and not self.signed.has(f"deferring/{gen}/{uid}")]  # once; one training on to an outer step beats)
         if stuck and time.monotonic() - self.since > self.join_timeout_s:
             for uid in stuck:  # alive but stuck in a phase for longer than any phase may take: its slot is given away
                 slot = self.members.pop(uid)
                 self.event("detect", uid=uid, replica=slot[0], stage=slot[1], lane=slot[2], reason="not ready")
+                self.end_generation("not ready", {slot[0]})
             self.since = time.monotonic()
             return
         if late:

@@ -46,6 +46,8 @@ class Member:
         self.address, self.run_id, self.heartbeat_s = address, run_id, heartbeat_s
         self.uid = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.abort, self.lost, self._stop = threading.Event(), threading.Event(), threading.Event()
+        self.ending = threading.Event()  # the generation ended elsewhere; this replica trains on to an outer step
+        self.defer_replica: int | None = None  # this worker's replica, when it may train on (DiLoCo, rejoin=skip)
         self.gen = 0
         self._lock = threading.Lock()  # gen and abort change together
         secret = os.environ.get("FLOTILLA_SECRET", "")
@@ -117,14 +119,36 @@ class Member:
                 self.abort.set()
                 return
             with self._lock:
-                if epoch > self.gen:
-                    self.abort.set()
+                if epoch > self.gen and not self.abort.is_set():
+                    self._on_ended(epoch, self._beat_store)
             self._stop.wait(self.heartbeat_s)
+
+    def _on_ended(self, epoch: int, store: SignedStore) -> None:
+        """The generation ended: abort now, unless this worker may train on to its replica's next outer step (its
+        replica lost no one: `ending/<epoch>` lists the replicas that did) - then say so, so the coordinator waits
+        for it instead of evicting it, and abort as soon as its replica is listed after all."""
+        try:
+            hit = store.get(f"ending/{epoch}") if self.defer_replica is not None else None
+            if epoch == self.gen + 1 and hit is not None and self.defer_replica not in json.loads(hit):
+                if not self.ending.is_set():
+                    store.put(f"deferring/{epoch}/{self.uid}", "1")
+                    self.ending.set()
+                return
+        except Exception:  # the store failed: handled on the next beat
+            pass
+        self.abort.set()
 
     def check_fence(self) -> None:
         """Raise GenerationLost unless this worker is still a member of the current generation (asks the store)."""
         try:
             current = self.epoch() if not self.abort.is_set() else self.gen + 1
+            if current > self.gen:
+                with self._lock:  # the same decision the heartbeat thread makes, if it has not made it yet
+                    if not self.abort.is_set():
+                        self._on_ended(current, self.signed)
+            if current == self.gen + 1 and self.ending.is_set() and not self.abort.is_set() and \
+                    not self.signed.has(f"plan/{current}"):
+                current = self.gen  # training on to its outer step: the next plan cannot be made without it
         except RuntimeError:
             self.lost.set()
             current = self.gen + 1
@@ -132,10 +156,11 @@ class Member:
             self.abort.set()
             raise GenerationLost(f"generation {self.gen} has ended (fenced: nothing more is written)", False)
 
-    def report_trouble(self) -> None:
-        """A transfer failed here: ask the coordinator to end this generation (it finds out who died)."""
+    def report_trouble(self, within_replica: bool = True) -> None:
+        """A transfer failed here: ask the coordinator to end this generation (it finds out who died). Its peer was
+        of this replica (a pipeline transfer: this replica re-forms at once), or only of others (an outer step)."""
         try:
-            self.signed.put(f"trouble/{self.gen}/{self.uid}", "1")
+            self.signed.put(f"trouble/{self.gen}/{self.uid}", "replica" if within_replica else "elsewhere")
         except Exception:
             self.lost.set()
 
@@ -170,6 +195,7 @@ class Member:
             if self.uid in raw["members"]:
                 with self._lock:
                     self.gen = epoch
+                    self.ending.clear()
                     if not self.lost.is_set():
                         self.abort.clear()
                 return Plan(epoch, {u: tuple(s) for u, s in raw["members"].items()}, raw["fresh"],

@@ -276,6 +276,7 @@ def refresh_edge_copies(w: RankState, comm: Comm, stages: int) -> None:
         params = dict(w.module.named_parameters())
         for name in EDGE_KEYS[part]:
             if w.stage == owner:
-                comm.wait(comm.send(params[name].detach().contiguous(), link.group, RECOVERY))
+                comm.wait(comm.send(params[name].detach().contiguous(), link.group, RECOVERY), RECOVERY)
             else:
-                w.edge_copy[name] = comm.recv(torch.empty(shapes[name], device=w.device), link.group, link.peer)
+                w.edge_copy[name] = comm.recv(torch.empty(shapes[name], device=w.device), link.group, link.peer,
+                                              RECOVERY)

@@ -289,8 +289,8 @@ def run_generations(cfg: Config, train: TrainLoop) -> RankState:
         except GenerationLost as err:
             if member.lost.is_set():
                 save_and_stop(w)
-            if err.transfer_failed:
-                member.report_trouble()
+            if err.transfer_failed or (member.ending.is_set() and member.abort.is_set()):
+                member.report_trouble(err.within_replica)  # a failed transfer, or stopped while its replica trained on
             if w and w.log:
                 w.log.event("aborted", fenced=False, gen=plan.gen, step=w.committed, reason=str(err)[:120])
             warn(f"generation {plan.gen} ended at step {w.committed if w else 0}: {str(err)[:120]}")
@@ -312,6 +312,9 @@ def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: 
         w.launch = member.launch
         os.makedirs(cfg.log.run_dir, exist_ok=True)
     w.topo, w.gen = topo, plan.gen
+    if cfg.sync.method == "diloco" and cfg.recovery.rejoin == "skip" and not cfg.sync.routing:
+        member.defer_replica = replica  # a loss elsewhere: train on to the next outer step (the lost replica
+        # rejoins there), then form the next generation
     hooks.at("connecting", gen=plan.gen, grid_rank=w.grid_rank)
     with lost_on_failure("building groups"):
         connect(w, phase_s)
@@ -335,6 +338,16 @@ def take_back(w: RankState, decision: Decision) -> None:
     elif (w.replica, w.stage, w.lane) in decision.undo:
         snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
     w.committed, w.applied, w.undo = decision.target_of(w.replica), False, None
+
+
+def stop_before_world_step(w: RankState, done: int) -> None:
+    """Training on after the generation ended elsewhere (DiLoCo): stop before an inner step that ends in an outer
+    step or a checkpoint, which need the next generation (its update would only be taken back)."""
+    cfg = w.cfg
+    if w.member and w.member.ending.is_set() and (done % cfg.sync.H == 0 or done == cfg.train.steps or
+                                                   (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
+        raise GenerationLost(f"the generation ended: this replica stops before step {done} (it needs the others)",
+                             False)
 
 
 def keep_outer_snapshot(w: RankState, step: int) -> None:
