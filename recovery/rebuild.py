@@ -14,11 +14,13 @@ stage comes from, tried in order:
   checkpoint  every rank reloads the latest checkpoint (or restarts from scratch without one)
 
 DiLoCo and NoLoCo replicas meet only at outer steps, so they do not share a step to roll back to; each replica
-resumes on its own (`decide_per_replica`). A replica that lost a stage rewinds to the last outer step and
-replays its inner steps with the same data: its survivors restore their own snapshot of that step, the lost
+resumes on its own (`decide_per_replica`). A replica that lost a stage (or sat out, or missed an outer step's
+commit) rewinds to the newest outer step: its survivors restore their own snapshot of that step, the lost
 stage takes another replica's snapshot of it ("rewind": DiLoCo's anchor and outer momentum are the same on
-every replica, so the weights are exact; the inner Adam moments are the source replica's). The other replicas
-go on from their own committed step and wait for it at the next outer step.
+every replica, so the weights are exact; the inner Adam moments are the source replica's). Under DiLoCo with
+recovery.rejoin=skip it then joins the next outer step with a zero pseudo-gradient (its weights are the
+anchor; `join_step`), otherwise it replays its inner steps with the same data. The other replicas go on from
+their own committed step (routed replicas, which exchange activations every step, all rewind together).
 """
 from __future__ import annotations
 

@@ -438,16 +438,19 @@ def restart_from_scratch(w: RankState) -> None:
 
 def roll_back_absent(w: RankState) -> None:
     """Rank 0 rolls back the files of slots not in this generation (a replica that sits out cannot do it
-    itself; the logger's metrics when replica 0 sits out), leaving a marker of this generation in each."""
+    itself; the logger's metrics when replica 0 sits out), leaving a marker of this generation in each: to its
+    committed step (replicas move in lockstep), or under DiLoCo / NoLoCo to its newest outer step."""
     run_dir, topo = w.cfg.log.run_dir, w.topo
+    # DiLoCo / NoLoCo: what an absent replica did after the newest outer step never reached one (not committed)
+    step = w.outer_snapshot["step"] if w.cfg.sync.method != "ddp" and w.outer_snapshot else w.committed
     for r in set(range(topo.replicas)) - set(topo.members):
-        truncate_jsonl(ledger_path(run_dir, r), w.committed, w.generation_id)
+        truncate_jsonl(ledger_path(run_dir, r), step, w.generation_id)
         for s in range(topo.stages):
             for lane in range(topo.lanes):
                 grid = (r * topo.stages + s) * topo.lanes + lane
-                truncate_jsonl(os.path.join(run_dir, "sync", f"rank{grid}.jsonl"), w.committed + 1, w.generation_id)
+                truncate_jsonl(os.path.join(run_dir, "sync", f"rank{grid}.jsonl"), step + 1, w.generation_id)
         if r == 0:
-            truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), w.committed, w.generation_id)
+            truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), step, w.generation_id)
 
 
 def save_and_stop(w: RankState | None) -> None:
