@@ -39,7 +39,12 @@ def make_batch(windows: np.ndarray, ids: np.ndarray, eos: int) -> Batch:
 class ReplicaLoader:
     """Replica r of R takes its own slice of every global batch; epochs are seeded permutations.
 
-    The only state is the next step, saved in every checkpoint: a resumed run reads exactly the
+    The global batch of a step is R slots of batch_size samples read in stream order. Replica r reads slot r;
+    while replicas are out of the run, the i-th absent replica's slot goes to the (i mod L)-th of the L present
+    ones, so every slot of every step is read once whatever the replica count (a replica's batch grows while
+    others are out); a run resumed with another R reads on from where the stream stopped. `schedule` holds
+    these changes: (first step, stream position at it, slots per step, replicas present) from that step on.
+    The state is the next step and the schedule, saved in every checkpoint: a resumed run reads exactly the
     samples an uninterrupted run would, with none lost or repeated.
     """
 
@@ -47,20 +52,37 @@ class ReplicaLoader:
         self.windows, self.eos, self.seed = windows, eos, seed
         self.replica, self.replicas, self.batch_size = replica, replicas, batch_size
         self.step = 0
+        self.schedule: list[tuple[int, int, int, tuple[int, ...]]] = [(0, 0, replicas, tuple(range(replicas)))]
         self._perm_epoch, self._perm = -1, None
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
-            self._perm_epoch = epoch
-        return self._perm
+    def _entry(self, step: int) -> tuple[int, int, int, tuple[int, ...]]:
+        return next(e for e in reversed(self.schedule) if e[0] <= step)
+
+    def _position(self, step: int, slot: int) -> int:
+        first, base, slots, _ = self._entry(step)
+        return base + ((step - first) * slots + slot) * self.batch_size
+
+    def slots(self, step: int, replica: int) -> list[int]:
+        """The slots of step's global batch that `replica` reads (see the class docstring)."""
+        _, _, slots, members = self._entry(step)
+        if replica not in members:
+            return [replica]  # not in the run at that step: what it would have read (it never commits it)
+        absent = [r for r in range(slots) if r not in members]
+        k = members.index(replica)
+        return [replica] + [a for i, a in enumerate(absent) if i % len(members) == k]
+
+    def rejoin(self, step: int, members: tuple[int, ...]) -> None:
+        """From `step` on, `members` are the replicas present (every rank of the run records the same)."""
+        if self._entry(step)[3] != tuple(members):
+            position = self._position(step, 0)
+            self.schedule = [e for e in self.schedule if e[0] < step] + [(step, position, self.replicas, tuple(members))]
 
     def sample_ids(self, step: int, replica: int | None = None) -> np.ndarray:
         """The window indices replica (default: this one) reads at step."""
         n = len(self.windows)
         replica = self.replica if replica is None else replica
-        start = (step * self.replicas + replica) * self.batch_size
-        positions = np.arange(start, start + self.batch_size)
+        positions = np.concatenate([np.arange(self._position(step, j), self._position(step, j) + self.batch_size)
+                                    for j in self.slots(step, replica)])
         return np.array([self._permutation(int(p // n))[p % n] for p in positions])
 
     def next_batch(self) -> Batch:
@@ -73,10 +95,23 @@ class ReplicaLoader:
         return make_batch(self.windows, self.sample_ids(step, replica), self.eos)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "replicas": self.replicas, "batch_size": self.batch_size}
+        return {"step": self.step, "seed": self.seed, "replicas": self.replicas, "batch_size": self.batch_size,
+                "schedule": [[first, base, slots, list(m)] for first, base, slots, m in self.schedule]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        saved = [(int(f), int(b), int(n), tuple(m)) for f, b, n, m in state.get("schedule", [])]
+        if not saved:  # saved before schedules: R slots per step from the start
+            saved = [(0, 0, int(state.get("replicas", self.replicas)), tuple(range(state.get("replicas", self.replicas))))]
+        self.schedule = saved
+        if saved[-1][2] != self.replicas:  # resumed with another replica count: read on from where the stream is
+            self.schedule.append((self.step, self._position(self.step, 0), self.replicas, tuple(range(self.replicas))))
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+            self._perm_epoch = epoch
+        return self._perm
 
 
 def validation_batches(windows: np.ndarray, eos: int, n_batches: int, batch_size: int,

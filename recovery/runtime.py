@@ -398,6 +398,7 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
                 w.sync.reset_error_feedback()  # the replicas that trained
                 w.sync.expect_contributors(decision.join, len(topo.members) - len(decision.skip))
             w.join_at = decision.join if w.replica in decision.skip else None
+        agree_on_data(w, infos, decision)
     w.applied, w.undo, w.has_state = False, None, True
     w.loader.step = w.committed
     if w.rank == 0:
@@ -423,6 +424,25 @@ def recover(w: RankState, fresh: bool, gen: int, t_gen: float, phase_s: float) -
                   + (f"; replica(s) {list(decision.skip)} rejoin at the outer step {decision.join}" if decision.skip
                      else "")
                   + (f" from {resumed_from}" if resumed_from else ""))
+
+
+def agree_on_data(w: RankState, infos: list[RankInfo], decision: Decision) -> None:
+    """Every rank takes the data schedule of a rank that holds it (the first survivor; rank 0 after a checkpoint
+    load or at the start) and records this generation's replicas from the step they take effect: the common
+    step (replicas in lockstep), or under DiLoCo / NoLoCo the next outer step (a replica finishes the window it
+    is in with the replicas it started it with). So the slots of a replica that sits out are read by the others,
+    and every sample once per epoch."""
+    cfg, topo = w.cfg, w.topo
+    held = [topo.rank(*i.slot) for i in infos if not i.fresh]
+    src = min(held) if held and not (decision.target is None or decision.checkpoint) else 0
+    schedule = w.comm.broadcast_object(w.loader.schedule if w.rank == src else None, src)
+    if cfg.sync.method == "ddp" or cfg.sync.routing or decision.target is None or decision.checkpoint:
+        effective = w.committed if decision.target is None or decision.checkpoint else decision.target
+    else:
+        newest = max(i.outer_step for i in infos if not i.fresh)
+        effective = newest + cfg.sync.H
+    w.loader.schedule = schedule
+    w.loader.rejoin(effective, topo.members)
 
 
 def restart_from_scratch(w: RankState) -> None:

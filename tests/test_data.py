@@ -292,6 +292,33 @@ def test_loader_replicas_disjoint_and_epoch_covers_once():
     assert e0 != e1
 
 
+def test_every_sample_is_read_once_per_epoch_across_replica_count_changes():
+    """4 replicas, replica 1 out for steps 3-5 (its slot read by another), back at 6; then a resume with 2."""
+    n, bs = 4 * 4 * 9, 4
+    w = _windows(n)
+    loaders = [ReplicaLoader(w, 999, seed=2, replica=r, replicas=4, batch_size=bs) for r in range(4)]
+    for loader in loaders:  # every rank records the same changes
+        loader.rejoin(3, (0, 2, 3))
+        loader.rejoin(6, (0, 1, 2, 3))
+    seen = []
+    for step in range(9):
+        members = (0, 2, 3) if 3 <= step < 6 else (0, 1, 2, 3)
+        for r in members:
+            ids = loaders[r].sample_ids(step).tolist()
+            assert len(ids) == (bs * 2 if (step, r) in {(3, 0), (4, 0), (5, 0)} else bs)
+            seen += ids
+    assert sorted(seen) == list(range(n))  # one epoch, every window once
+    assert [loaders[0].sample_ids(s).tolist() for s in range(3)] == \
+        [ReplicaLoader(w, 999, seed=2, replica=0, replicas=4, batch_size=bs).sample_ids(s).tolist() for s in range(3)]
+    loaders[0].step = 9
+    state = loaders[0].state_dict()
+    two = [ReplicaLoader(w, 999, seed=2, replica=r, replicas=2, batch_size=bs) for r in range(2)]
+    for loader in two:
+        loader.load_state_dict(state)
+    later = [i for step in range(9, 27) for loader in two for i in loader.sample_ids(step).tolist()]
+    assert sorted(later) == list(range(n))  # resumed with 2: the next epoch, from where the stream stopped
+
+
 def test_loader_resume_continues_identically():
     w = _windows(30)
     k = 7
