@@ -167,7 +167,8 @@ def decide_per_replica(infos: list[RankInfo], coupled: bool = False, join: Calla
             sources.append((i.slot, "rewind", (src[0],)))
         targets.append((r, newest))
         rewind.append(r)
-    join_at = join(newest) if join and rewind and not coupled else None
+    join_at = join(newest) if join and rewind and len(rewind) < len(targets) and not coupled else None  # someone
+    # must have trained towards the next outer step for the others to skip to it
     if join_at is not None:
         return Decision(min(t for _, t in targets), tuple(sorted(undo)), tuple(sources), False, tuple(targets),
                         tuple(rewind), tuple(rewind), join_at)

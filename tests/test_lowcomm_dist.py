@@ -146,3 +146,6 @@ def test_resume_with_another_replica_count_continues_from_the_trained_model(tmp_
             resumed = moved(run_dir, rank)
             assert sorted(resumed) == list(range(5 if rank < before else 35, 41, 5))
             assert resumed[35] <= 1.5 * max(normal.values()), (before, after, rank, resumed, normal)
+        taken = [s for r in range(max(before, after)) for x in read_log(os.path.join(run_dir, "ledger", f"replica{r}.jsonl"))
+                 for s in x["samples"]]  # the resumed run reads on from where the data stream stopped
+        assert len(taken) == len(set(taken)) == 30 * before * 4 + 10 * after * 4

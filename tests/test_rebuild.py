@@ -98,6 +98,10 @@ def test_a_rewound_diloco_replica_rejoins_at_the_next_outer_step_when_nothing_ne
     d = decide_per_replica(lost, join=join)
     assert d.skip == (1,) and d.join == 32 and d.rewind == (1,) and d.target_of(1) == 24 and d.target_of(0) == 27
     assert decide_per_replica(lost, join=join, coupled=True).skip == ()  # routed replicas move in lockstep
+    both = [outer(0, 0, 27, 24), outer(0, 1, 0, -1, fresh=True), outer(1, 0, 26, 24), outer(1, 1, 0, -1, fresh=True),
+            outer(2, 0, 24, 24), outer(2, 1, 24, 24)]
+    assert decide_per_replica(both, join=join).skip == (0, 1)
+    assert decide_per_replica(both[:4], join=join).skip == ()  # every replica rewinds: nobody to skip to, replay
     assert join_step(24, 8, 100, 16) == 32  # checkpoints at outer steps: none in between
     assert join_step(24, 8, 100, 10) is None  # a checkpoint at 30 needs every replica at step 30
     assert join_step(24, 8, 30, 0) is None  # the run ends before the next outer step: replay

@@ -231,9 +231,13 @@ def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, met
     (["sync.method=diloco"], 3, "step"),  # replica 1's first stage, mid-step 6
     (["sync.method=diloco"], 5, "updated"),  # its last stage, after the update of step 7: mid outer step 8
     (["sync.method=diloco", "sync.compress=ef21-topk"], 4, "step"),
+    (["sync.method=diloco", "sync.compress=ef21-topk"], 5, "updated"),
+    (["sync.method=noloco"], 3, "step"),
+    (["sync.method=noloco"], 5, "updated"),
     (["sync.method=diloco", "sync.routing=true"], 4, "step"),  # routed: replica 0 rewinds with it (lockstep)
     (["sync.method=noloco", "sync.routing=true"], 5, "updated"),
-])
+], ids=["diloco-first", "diloco-last-outer", "diloco-ef21-interior", "diloco-ef21-last-outer", "noloco-first",
+        "noloco-last-outer", "diloco-routed-interior", "noloco-routed-last-outer"])
 def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync, victim, point):
     """The other stages and moments: the first and the last stage, and a death between a step's update and
     its outer exchange (the other replica is then waiting in the outer step); and routed pipelines, whose
