@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from functools import partial
 import tempfile
 import threading
@@ -229,6 +230,8 @@ def run_once(cfg: Config, train: TrainLoop) -> RankState:
     path, step = choose_checkpoint(w, cfg.checkpoint.resume)
     if path:
         load_checkpoint(w, path, step)
+        if w.rank == 0:
+            roll_back_absent(w)  # a run resumed with fewer replicas: the others' uncommitted records
     open_log(w)
     announce(w, path)
     if path and w.log.is_logger:
@@ -458,12 +461,16 @@ def restart_from_scratch(w: RankState) -> None:
 
 def roll_back_absent(w: RankState) -> None:
     """Rank 0 rolls back the files of slots not in this generation (a replica that sits out cannot do it
-    itself; the logger's metrics when replica 0 sits out), leaving a marker of this generation in each: to its
+    itself, nor one a run resumed with fewer replicas no longer has; the logger's metrics when replica 0 sits
+    out), leaving a marker of this generation in each: to its
     committed step (replicas move in lockstep), or under DiLoCo / NoLoCo to its newest outer step."""
     run_dir, topo = w.cfg.log.run_dir, w.topo
     # DiLoCo / NoLoCo: what an absent replica did after the newest outer step never reached one (not committed)
     step = w.outer_snapshot["step"] if w.cfg.sync.method != "ddp" and w.outer_snapshot else w.committed
-    for r in set(range(topo.replicas)) - set(topo.members):
+    ledgers = os.path.join(run_dir, "ledger")
+    gone = {int(m.group(1)) for m in map(re.compile(r"replica(\d+)\.jsonl$").match,
+                                         os.listdir(ledgers) if os.path.isdir(ledgers) else ()) if m}
+    for r in (set(range(topo.replicas)) - set(topo.members)) | {r for r in gone if r >= topo.replicas}:
         truncate_jsonl(ledger_path(run_dir, r), step, w.generation_id)
         for s in range(topo.stages):
             for lane in range(topo.lanes):
