@@ -315,9 +315,9 @@ def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: 
         w.launch = member.launch
         os.makedirs(cfg.log.run_dir, exist_ok=True)
     w.topo, w.gen = topo, plan.gen
-    if cfg.sync.method == "diloco" and cfg.recovery.rejoin == "skip" and not cfg.sync.routing:
+    if cfg.sync.method == "diloco" and cfg.recovery.rejoin == "skip" and not cfg.sync.routing and topo.lanes == 1:
         member.defer_replica = replica  # a loss elsewhere: train on to the next outer step (the lost replica
-        # rejoins there), then form the next generation
+        # rejoins there), then form the next generation (not with lanes yet: a lost-lane run hung once in CI)
     hooks.at("connecting", gen=plan.gen, grid_rank=w.grid_rank)
     with lost_on_failure("building groups"):
         connect(w, phase_s)
