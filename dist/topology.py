@@ -23,6 +23,10 @@ class Topology:
         """Lanes of a stage, then stages of a replica, sit on consecutive ranks (one node per replica when they fit)."""
         return (self.members.index(replica) * self.stages + stage) * self.lanes + lane
 
+    def grid_rank(self, replica: int, stage: int, lane: int = 0) -> int:
+        """The slot's place in the full grid (whoever sits out): a stable name for files, logs, fault injection."""
+        return (replica * self.stages + stage) * self.lanes + lane
+
     def slot(self, rank: int) -> tuple[int, int]:
         """rank -> (replica, stage)."""
         i, stage = divmod(rank // self.lanes, self.stages)

@@ -121,7 +121,8 @@ def join_step(newest: int, H: int, steps: int, checkpoint_every: int) -> int | N
     if its snapshot is of an outer step (weights = anchor: a zero pseudo-gradient; not a checkpoint loaded between
     two) and the run gets there with no checkpoint in between (a save needs every replica in its step)."""
     join = newest + H
-    if newest % H or join > steps or (checkpoint_every and any(c % checkpoint_every == 0 for c in range(newest + 1, join))):
+    saves_between = checkpoint_every and any(c % checkpoint_every == 0 for c in range(newest + 1, join))
+    if newest % H or join > steps or saves_between:
         return None
     return join
 
@@ -245,7 +246,7 @@ def run_transfers(decision: Decision, topo: Topology, w: RankState, comm: Comm, 
     """Every rank creates the same 2-rank groups in the same order (each formed within form_timeout_s, then
     given the full transfer timeout), then sources send and fresh ranks apply. Returns this rank's rebuild
     method if it was rebuilt."""
-    me = (w.replica, w.stage, w.lane)
+    me = w.slot
     transfers = [(dst, method, src) for dst, method, srcs in decision.sources for src in srcs]
     groups = [dist.new_group([topo.rank(*src), topo.rank(*dst)], timeout=timedelta(seconds=form_timeout_s))
               for dst, _, src in transfers]

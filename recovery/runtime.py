@@ -144,7 +144,7 @@ def choose_checkpoint(w: RankState, resume: str) -> tuple[str | None, int]:
 
 
 def load_checkpoint(w: RankState, path: str, step: int, grace_s: float = 0.0) -> None:
-    extra = checkpoint.load(path, w.module, w.optimizer, (w.replica, w.stage, w.lane), w.comm, grace_s)
+    extra = checkpoint.load(path, w.module, w.optimizer, w.slot, w.comm, grace_s)
     w.committed = step
     w.loader.load_state_dict(extra.get("loader", {"step": step}))
     if "rng" in extra:
@@ -171,7 +171,7 @@ def checkpoint_extra(w: RankState, done: int) -> dict:
 def save_checkpoint(w: RankState, done: int) -> str:
     """A sealed checkpoint of every rank's state at step `done` (a collective; fenced and abortable)."""
     return checkpoint.save(w.ckpt_root, done, w.module, w.optimizer, checkpoint_extra(w, done),
-                           (w.replica, w.stage, w.lane),
+                           w.slot,
                            w.cfg.checkpoint.keep, replicas_differ=w.cfg.sync.method != "ddp", comm=w.comm,
                            gen=w.gen, fence=w.fence)
 
@@ -306,7 +306,7 @@ def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: 
     topo = Topology(cfg.parallel.replicas, cfg.parallel.stages, plan.active, cfg.parallel.lanes)  # a replica may sit out
     rank = topo.rank(replica, stage, lane)
     os.environ["RANK"] = str(rank)  # for warn() and the console logger
-    hooks.at("forming", gen=plan.gen, grid_rank=(replica * topo.stages + stage) * topo.lanes + lane)
+    hooks.at("forming", gen=plan.gen, grid_rank=topo.grid_rank(replica, stage, lane))
     with lost_on_failure("forming the world"):
         start_generation(member.raw, plan.gen, rank, topo.world_size, backend, phase_s, keep=(w.groups,) if w else ())
         raise_timeouts([None], cfg.parallel.timeout_s)
@@ -338,7 +338,7 @@ def take_back(w: RankState, decision: Decision) -> None:
     if w.replica in decision.rewind:
         if w.has_state:
             snapshot.restore(w.outer_snapshot, w.module, w.optimizer, w.sync)
-    elif (w.replica, w.stage, w.lane) in decision.undo:
+    elif w.slot in decision.undo:
         snapshot.restore(w.undo, w.module, w.optimizer, w.sync)
     w.committed, w.applied, w.undo = decision.target_of(w.replica), False, None
 
@@ -436,11 +436,12 @@ def agree_on_data(w: RankState, infos: list[RankInfo], decision: Decision) -> No
     is in with the replicas it started it with). So the slots of a replica that sits out are read by the others,
     and every sample once per epoch."""
     cfg, topo = w.cfg, w.topo
+    from_checkpoint = decision.target is None or decision.checkpoint  # every rank holds what it loaded
     held = [topo.rank(*i.slot) for i in infos if not i.fresh]
-    src = min(held) if held and not (decision.target is None or decision.checkpoint) else 0
+    src = min(held) if held and not from_checkpoint else 0
     schedule = w.comm.broadcast_object(w.loader.schedule if w.rank == src else None, src)
-    if cfg.sync.method == "ddp" or cfg.sync.routing or decision.target is None or decision.checkpoint:
-        effective = w.committed if decision.target is None or decision.checkpoint else decision.target
+    if cfg.sync.method == "ddp" or cfg.sync.routing or from_checkpoint:
+        effective = w.committed if from_checkpoint else decision.target
     else:
         newest = max(i.outer_step for i in infos if not i.fresh)
         effective = newest + cfg.sync.H
@@ -474,8 +475,8 @@ def roll_back_absent(w: RankState) -> None:
         truncate_jsonl(ledger_path(run_dir, r), step, w.generation_id)
         for s in range(topo.stages):
             for lane in range(topo.lanes):
-                grid = (r * topo.stages + s) * topo.lanes + lane
-                truncate_jsonl(os.path.join(run_dir, "sync", f"rank{grid}.jsonl"), step + 1, w.generation_id)
+                truncate_jsonl(os.path.join(run_dir, "sync", f"rank{topo.grid_rank(r, s, lane)}.jsonl"), step + 1,
+                               w.generation_id)
         if r == 0:
             truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), step, w.generation_id)
 
@@ -521,7 +522,7 @@ def salvage_and_stop(w: RankState | None) -> CoordinatorLost:
     w.applied, w.undo = False, None
     w.loader.step = w.committed
     path = checkpoint.salvage(w.ckpt_root, w.committed, w.module, w.optimizer, checkpoint_extra(w, w.committed),
-                              (w.replica, w.stage, w.lane))
+                              w.slot)
     return CoordinatorLost(f"{where}; saved this rank's state at step {w.committed} ({path}): "
                            f"restart the coordinator and relaunch the workers with checkpoint.resume=latest")
 

@@ -71,7 +71,11 @@ class RankState:
     @property
     def grid_rank(self) -> int:
         """The slot's place in the full replicas x stages x lanes grid: a stable name for logs and fault injection."""
-        return (self.replica * self.topo.stages + self.stage) * self.topo.lanes + self.lane
+        return self.topo.grid_rank(self.replica, self.stage, self.lane)
+
+    @property
+    def slot(self) -> tuple[int, int, int]:
+        return self.replica, self.stage, self.lane
 
     @property
     def ckpt_root(self) -> str:
