@@ -86,20 +86,17 @@ def alltoall_worker(out_path: str) -> None:
 
 def groups_worker(out_path: str, lengths: list[int], repeats: int = 3) -> None:
     """One of L lanes: every group size d, every length, all groups busy at once; rank 0 writes the timings."""
-    import deepspeed
     import torch.distributed as dist
 
-    from dist.sp_attention import sp_attention, ulysses
+    from dist.sp_attention import Ulysses
     dist.init_process_group("gloo")
-    deepspeed.init_distributed(dist_backend="gloo")
     rank, lanes = dist.get_rank(), dist.get_world_size()
     groups = {key: dist.new_group(list(range(key[0], key[0] + key[1]))) for key in sp_ranges(lanes)}
     cfg = model_config(load_config([]), 257)
     layers = [Block(cfg) for _ in range(cfg.n_layers)]
     runs = {}
     for d in (1 << i for i in range(lanes.bit_length()) if 1 << i <= lanes):
-        attn = ulysses(groups[rank // d * d, d]) if d > 1 else None
-        attend = (lambda q, k, v, m: sp_attention(attn, q, k, v, m)) if attn else None
+        attend = Ulysses(groups[rank // d * d, d]) if d > 1 else None
         runs[d] = [(s, time_layers(layers, cfg.dim, *lane_inputs(cfg, s, d, rank % d), attend, repeats, dist.barrier))
                    for s in lengths]
     if rank == 0:

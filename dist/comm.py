@@ -11,7 +11,9 @@ import torch.distributed as dist
 
 INTRA = "intra_replica"  # between stages of one replica (activations, gradients of activations)
 CROSS = "cross_replica"  # between replicas of one stage (gradient / weight sync)
-LANE = "intra_stage"  # between lanes of one stage (sequence-parallel all-to-alls are not counted; gradient sync)
+LANE = "intra_stage"  # between lanes of one stage (gradient sync)
+SP = "sequence_parallel"  # the all-to-alls of sequence-parallel attention, between lanes (counted apart from totals)
+IN_REPLICA = (INTRA, LANE, SP)  # links whose peers are all of this rank's replica
 
 
 class GenerationLost(RuntimeError):
@@ -30,8 +32,9 @@ class Comm:
     the tensor, an all-gather (n - 1) times this rank's part; a point-to-point transfer its size.
     """
 
-    def __init__(self, abort=None, ending=None):
+    def __init__(self, abort=None, ending=None, lease=None):
         self.abort = abort  # threading.Event set when the generation ends (recovery on); None: plain blocking waits
+        self.lease = lease  # called before every transfer: returns once membership is confirmed (or abort is set)
         self.ending = ending  # set while this rank's replica trains on to its next outer step after the generation
         # ended elsewhere (DiLoCo): transfers inside the replica go on, any other raises GenerationLost
         self.bytes_sent: dict[str, float] = defaultdict(float)
@@ -55,6 +58,15 @@ class Comm:
         self.calls[link] += 1
         out = [torch.empty_like(tensor) for _ in range(n)]
         self.wait(self._issue(dist.all_gather, out, tensor, group=group, async_op=True), link)
+        return out
+
+    def all_to_all(self, tensor: torch.Tensor, group, link: str = SP) -> torch.Tensor:
+        """Row i of `tensor` (first dimension: the group size) to group rank i; row j of the result from rank j."""
+        n = dist.get_world_size(group)
+        self.bytes_sent[link] += (n - 1) / n * tensor.numel() * tensor.element_size()
+        self.calls[link] += 1
+        out = torch.empty_like(tensor)
+        self.wait(self._issue(dist.all_to_all_single, out, tensor.contiguous(), group=group, async_op=True), link)
         return out
 
     def send(self, tensor: torch.Tensor, pair, link: str = INTRA):
@@ -127,6 +139,10 @@ class Comm:
         self.calls[link] += 1
 
     def _issue(self, fn, *args, **kwargs):
+        if self.lease is not None:
+            self.lease()
+            if self.abort.is_set():
+                raise GenerationLost("the coordinator ended this generation", False)
         try:
             return fn(*args, **kwargs)
         except RuntimeError as err:
@@ -141,18 +157,18 @@ class Comm:
         if self.abort is None:
             work.wait()
             return
-        if self.ending is not None and self.ending.is_set() and link not in (INTRA, LANE):
+        if self.ending is not None and self.ending.is_set() and link not in IN_REPLICA:
             raise GenerationLost(f"the generation ended: this replica stops at its {link} transfer", False)
         pause = 5e-5
         while not work.is_completed():
-            if self.abort.is_set() or (self.ending is not None and self.ending.is_set() and link not in (INTRA, LANE)):
+            if self.abort.is_set() or (self.ending is not None and self.ending.is_set() and link not in IN_REPLICA):
                 raise GenerationLost("the coordinator ended this generation", False)
             time.sleep(pause)
             pause = min(2 * pause, 5e-4)  # short: every wait adds up to one pause of latency to the step
         try:
             work.wait()
         except RuntimeError as err:
-            raise GenerationLost(str(err).splitlines()[0], True, link in (INTRA, LANE)) from None
+            raise GenerationLost(str(err).splitlines()[0], True, link in IN_REPLICA) from None
 
     def totals(self) -> dict[str, float]:
         out = {INTRA: self.bytes_sent[INTRA], CROSS: self.bytes_sent[CROSS]}

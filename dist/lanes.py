@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from data.loader import Batch
+from dist.comm import Comm
 from dist.sp_cost import SPCost
+from dist.sp_attention import Ulysses
 from dist.sp_planner import Plan, PlanError, plan, static_plan
 from model.stages import Stage
 
@@ -107,21 +109,13 @@ def lane_microbatches(batch: Batch, segs: list[Segment], planned: Plan, lane: in
 
 class LaneRunner:
     """Runs a stage on a lane's micro-batch, shard by shard, with Ulysses attention in groups of > 1 lane
-    (one DeepSpeed DistributedAttention per SP group, made once from the groups built in dist/groups.py)."""
+    (one per SP group, made once from the groups built in dist/groups.py)."""
 
-    def __init__(self, sp_groups: dict[tuple[int, int], object], backend: str):
-        import deepspeed  # here, not at the top: importing DeepSpeed takes seconds and only SP runs need it
+    def __init__(self, sp_groups: dict[tuple[int, int], object], comm: Comm):
+        self.attention = {key: Ulysses(group, comm) for key, group in sp_groups.items()}
 
-        from dist import sp_attention
-        deepspeed.init_distributed(dist_backend=backend)  # joins the existing process group
-        self.attention = {key: sp_attention.ulysses(group) for key, group in sp_groups.items()}
-        self.sp_attention = sp_attention.sp_attention
-
-    def attend(self, group: tuple[int, int]):
-        if group[1] == 1:
-            return None
-        attn = self.attention[group]
-        return lambda q, k, v, mask: self.sp_attention(attn, q, k, v, mask)
+    def attend(self, group: tuple[int, int]) -> Ulysses | None:
+        return self.attention[group] if group[1] > 1 else None
 
     def __call__(self, module: Stage, x: torch.Tensor, mb: LaneMicrobatch) -> torch.Tensor:
         outs, a = [], 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install Flotilla with its dependencies (idempotent: a second run only checks).
-# torch is pinned to the CPU build 2.13.0; DeepSpeed builds against it, so it is installed first and
-# the rest without build isolation (an isolated build would fetch a multi-GB CUDA torch).
+# torch is pinned to the CPU build 2.13.0 and installed first; the rest without build isolation (a package that
+# builds against torch in an isolated build would fetch a multi-GB CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,10 +11,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: .venv is up to date"
   exit 0
 fi
-echo "setup: creating .venv and installing (torch 2.13.0 CPU, deepspeed, hivemind, ...)"
+echo "setup: creating .venv and installing (torch 2.13.0 CPU, hivemind, ...)"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q "torch==2.13.0" numpy
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
 echo "$want" > "$stamp"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -123,29 +123,49 @@ def salvage(root: str, step: int, model, optimizer, extra: dict, slot: tuple[int
     """This rank's own state at `step`, written without any collective (the coordinator died while no world
     existed to agree in): <root>/salvage/step_<N>/<extra name>. `choose` takes a set of them that covers every
     stage (and lane) at one step, newer than the newest sealed checkpoint, as a checkpoint of its own."""
+    return salvage_state(root, step, {"model": model.state_dict(), "optim": optimizer.state_dict(), "extra": extra},
+                         slot)
+
+
+def salvage_state(root: str, step: int, state: dict, slot: tuple[int, ...]) -> str:
+    """Write one slot's {model, optim, extra} into the salvage set of `step` (complete or absent)."""
     folder = os.path.join(root, SALVAGE, f"step_{step:08d}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, extra_name(slot))
-    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "extra": extra}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # complete or absent
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
     return path
 
 
-def salvage_step(folder: str) -> int | None:
-    """The step of a complete salvage set (every stage and lane of the grid present), or None."""
-    slots, grid = set(), None
+def _salvaged(folder: str) -> dict[tuple[int, int, int], dict]:
+    """(replica, stage, lane) -> extra of every readable state in a salvage folder (an unreadable one is absent)."""
+    found = {}
     for name in os.listdir(folder):
-        if not name.endswith(".pt"):
-            continue
-        try:
-            extra = torch.load(os.path.join(folder, name), weights_only=False)["extra"]
-        except Exception:  # an unreadable file counts as absent
-            continue
-        slots.add((extra["stages"], extra.get("lanes", 1), *parse_extra_name(name)[1:]))
-        grid = (extra["stages"], extra.get("lanes", 1))
-    if grid and all((*grid, s, ln) in slots for s in range(grid[0]) for ln in range(grid[1])):
-        return int(os.path.basename(folder).split("_")[1])
-    return None
+        if name.endswith(".pt"):
+            try:
+                found[parse_extra_name(name)] = torch.load(os.path.join(folder, name), weights_only=False)["extra"]
+            except Exception:
+                continue
+    return found
+
+
+def salvage_step(folder: str, replicas: set[int] = frozenset()) -> int | None:
+    """The step of a complete salvage set, or None: every stage and lane of the grid present. When replicas
+    differ (DiLoCo / NoLoCo) and the set is not at an outer step, also every stage of each replica in `replicas`
+    (those that saved any state since the newest sealed checkpoint): no replica takes another's state between
+    outer steps and skips steps of its own. At an outer step a replica may take another's stage, as a rewind does."""
+    found = _salvaged(folder)
+    if not found:
+        return None
+    extra = next(iter(found.values()))
+    stages, lanes = extra["stages"], extra.get("lanes", 1)
+    grid = [(s, ln) for s in range(stages) for ln in range(lanes)]
+    if not all(any((r, s, ln) in found for r in {k[0] for k in found}) for s, ln in grid):
+        return None
+    if extra.get("replicas_differ") and not all(e.get("at_outer_step") for e in found.values()) and \
+            not all((r, s, ln) in found for r in replicas for s, ln in grid):
+        return None
+    return int(os.path.basename(folder).split("_")[1])
 
 
 def parse_extra_name(name: str) -> tuple[int, int, int]:
@@ -205,10 +225,12 @@ def choose(root: str, resume: str, log) -> str | None:
         except CheckpointError as err:
             log(f"skipping bad checkpoint: {err}; trying the previous one")
     folder = os.path.join(root, SALVAGE)
-    for name in sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else ():
-        step = salvage_step(os.path.join(folder, name))
-        if step is not None and step > sealed_step:
-            return os.path.join(folder, name)  # newer than every sealed checkpoint: the ranks' own saves
+    names = [n for n in sorted(os.listdir(folder), reverse=True) if int(n.split("_")[1]) > sealed_step] \
+        if os.path.isdir(folder) else []  # newer than every sealed checkpoint: the ranks' own saves
+    replicas = {r for n in names for r, _, _ in _salvaged(os.path.join(folder, n))}
+    for name in names:
+        if salvage_step(os.path.join(folder, name), replicas) is not None:
+            return os.path.join(folder, name)
     return sealed
 
 

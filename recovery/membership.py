@@ -60,6 +60,7 @@ class Member:
         with self._store_errors():
             self._hello(secret, hello_timeout_s)
             self._beat_store = SignedStore(run_store(host, int(port), run_id, is_master=False)[1], secret, run_id)
+        self.confirmed = time.monotonic()  # when a heartbeat last found this worker's generation current
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._thread.start()
 
@@ -110,6 +111,7 @@ class Member:
     def _beat(self) -> None:
         beats = 0
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 beats += 1
                 self._beat_store.put(f"hb/{self.uid}", str(beats))
@@ -121,7 +123,17 @@ class Member:
             with self._lock:
                 if epoch > self.gen and not self.abort.is_set():
                     self._on_ended(epoch, self._beat_store)
+            self.confirmed = started
             self._stop.wait(self.heartbeat_s)
+
+    def hold_lease(self) -> None:
+        """Return once a heartbeat of the last 3 intervals found this worker's generation current, or `abort` is set.
+        The coordinator evicts only after a silence of >= 3 intervals, so a worker that was frozen (SIGSTOP) longer
+        must hear from it before it sends again: on its old groups, others may hold receives they abandoned, and
+        gloo aborts the process that gets data of another size than it posted."""
+        while time.monotonic() - self.confirmed > 3 * self.heartbeat_s and not self.abort.is_set() and \
+                self._thread.is_alive():
+            time.sleep(self.heartbeat_s / 20)
 
     def _on_ended(self, epoch: int, store: SignedStore) -> None:
         """The generation ended: abort now, unless this worker may train on to its replica's next outer step (its
@@ -192,6 +204,9 @@ class Member:
                 seen = epoch  # someone died while this generation was forming: the next one
                 continue
             raw = json.loads(plan)
+            if self.epoch() != epoch:  # read late (this worker was frozen): that generation has ended already
+                seen = epoch
+                continue
             if self.uid in raw["members"]:
                 with self._lock:
                     self.gen = epoch

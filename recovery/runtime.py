@@ -107,7 +107,7 @@ def connect(w: RankState, phase_s: float) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         w.lane_sync = build_lane_sync(cfg.sync, w.module, w.groups, w.comm, w.topo.lanes, w.stage, cfg.train.seed)
-        w.lane_runner = LaneRunner(w.groups.sp, dist.get_backend())
+        w.lane_runner = LaneRunner(w.groups.sp, w.comm)
         w.sp_cost = load_sp_cost(w, cfg.parallel.sp_cost)
 
 
@@ -165,7 +165,9 @@ def checkpoint_extra(w: RankState, done: int) -> dict:
     """This rank's own state beside its weights: RNG, data position, sync state, recovery state."""
     return {"rng": torch.get_rng_state(), "loader": w.loader.state_dict(), "step": done, "sync": w.sync.state_dict(),
             "replicas": w.topo.replicas, "lr_scale": w.lr_scale, "edge_copy": w.edge_copy, "lanes": w.topo.lanes,
-            "stages": w.topo.stages, "lane_sync": w.lane_sync.state_dict() if w.lane_sync else None}
+            "stages": w.topo.stages, "lane_sync": w.lane_sync.state_dict() if w.lane_sync else None,
+            "replicas_differ": w.cfg.sync.method != "ddp",
+            "at_outer_step": bool(w.outer_snapshot) and w.outer_snapshot["step"] == done}
 
 
 def save_checkpoint(w: RankState, done: int) -> str:
@@ -307,6 +309,9 @@ def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: 
     rank = topo.rank(replica, stage, lane)
     os.environ["RANK"] = str(rank)  # for warn() and the console logger
     hooks.at("forming", gen=plan.gen, grid_rank=topo.grid_rank(replica, stage, lane))
+    member.hold_lease()  # frozen since the plan was read: its generation may have ended (then nobody waits for it)
+    if member.abort.is_set():
+        raise GenerationLost(f"generation {plan.gen} ended before this worker joined it", False)
     with lost_on_failure("forming the world"):
         start_generation(member.raw, plan.gen, rank, topo.world_size, backend, phase_s, keep=(w.groups,) if w else ())
         raise_timeouts([None], cfg.parallel.timeout_s)
@@ -315,9 +320,9 @@ def form(cfg: Config, plan: Plan, member: Member, w: RankState | None, backend: 
         w.launch = member.launch
         os.makedirs(cfg.log.run_dir, exist_ok=True)
     w.topo, w.gen = topo, plan.gen
-    if cfg.sync.method == "diloco" and cfg.recovery.rejoin == "skip" and not cfg.sync.routing and topo.lanes == 1:
+    if cfg.sync.method == "diloco" and cfg.recovery.rejoin == "skip" and not cfg.sync.routing:
         member.defer_replica = replica  # a loss elsewhere: train on to the next outer step (the lost replica
-        # rejoins there), then form the next generation (not with lanes yet: a lost-lane run hung once in CI)
+        # rejoins there), then form the next generation
     hooks.at("connecting", gen=plan.gen, grid_rank=w.grid_rank)
     with lost_on_failure("building groups"):
         connect(w, phase_s)
@@ -523,6 +528,13 @@ def salvage_and_stop(w: RankState | None) -> CoordinatorLost:
     w.loader.step = w.committed
     path = checkpoint.salvage(w.ckpt_root, w.committed, w.module, w.optimizer, checkpoint_extra(w, w.committed),
                               w.slot)
+    outer = w.outer_snapshot if w.cfg.sync.method != "ddp" else None
+    if outer and outer["step"] < w.committed:  # DiLoCo / NoLoCo: replicas may stop at different steps, but all
+        # passed the newest outer step: its snapshot is a set every replica can resume from (checkpoint.choose)
+        extra = {**checkpoint_extra(w, outer["step"]), "sync": outer["sync"],
+                 "loader": {**w.loader.state_dict(), "step": outer["step"]}, "at_outer_step": True}
+        checkpoint.salvage_state(w.ckpt_root, outer["step"], {"model": outer["module"], "optim": outer["optim"],
+                                                              "extra": extra}, w.slot)
     return CoordinatorLost(f"{where}; saved this rank's state at step {w.committed} ({path}): "
                            f"restart the coordinator and relaunch the workers with checkpoint.resume=latest")
 

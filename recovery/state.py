@@ -107,7 +107,7 @@ def build_state(cfg: Config, topo: Topology, replica: int, stage: int, device, c
                          cfg.train.seed).to(device)
     shard = cfg.wan.site * topo.replicas + replica, cfg.wan.sites * topo.replicas  # site k reads like replica k
     loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, *shard, cfg.train.batch_size)
-    comm = Comm(member.abort, member.ending) if member else Comm()
+    comm = Comm(member.abort, member.ending, member.hold_lease) if member else Comm()
     meter = Throughput(topo.replicas * cfg.train.batch_size * cfg.data.seq_len)
     return RankState(cfg, topo, replica, stage, device, corpus, module, build_optimizer(module, cfg.optim), loader,
                      comm, member, lane, meter=meter)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from metrics import read_jsonl, read_log, truncate_jsonl
+from recovery import checkpoint
 from recovery.coordinator import SignedStore
 from tests.faults import fault_env, faults_env
 from tests.procs import run, train_cmd
@@ -176,6 +177,27 @@ def test_read_log_ignores_records_of_ended_generations(tmp_path):
     assert [r["step"] for r in read_log(path)] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("differ,expected", [(False, 319), (True, 300)])
+def test_salvage_set_between_outer_steps_needs_every_replica(tmp_path, differ, expected):
+    """The coordinator died while DiLoCo replica 1 replayed behind replica 0: replica 0 saved its stages at step
+    319, replica 1 at 318, and each rank also its snapshot of the outer step at 300. Under DDP (replicas identical)
+    the set at 319 is complete; under DiLoCo / NoLoCo replica 1 must not take replica 0's state at 319 (its step
+    318 would be missing from its ledger): the newest set is the outer step at 300, where any replica's stage will do
+    (replica 1 stage 1 died: it saved nothing)."""
+    root = str(tmp_path)
+
+    def put(step, replica, stage, at_outer):
+        extra = {"stages": 2, "lanes": 1, "replicas_differ": differ, "at_outer_step": at_outer}
+        checkpoint.salvage_state(root, step, {"model": {}, "optim": {}, "extra": extra}, (replica, stage, 0))
+
+    for stage in range(2):
+        put(319, 0, stage, False)
+        put(300, 0, stage, True)
+    put(318, 1, 0, False)
+    put(300, 1, 0, True)
+    assert checkpoint.choose(root, "latest", print) == os.path.join(root, "salvage", f"step_{expected:08d}")
+
+
 def test_coordinator_death_while_a_generation_forms_keeps_the_survivors_state(cluster, tmp_path):
     """2 replicas x 1 stage, no checkpoints: replica 1 dies and no replacement comes; while replica 0 waits for
     the next plan the coordinator dies too. Replica 0 saves its own state (salvage) and says so in one line;
@@ -207,3 +229,26 @@ def test_coordinator_death_while_a_generation_forms_keeps_the_survivors_state(cl
     a, b = final_weights(c.run_dir, tmp_path, 30), final_weights(whole.run_dir, tmp_path, 30)
     for k in a["replica0"]["model"]:
         assert torch.equal(a["replica0"]["model"][k], b["replica0"]["model"][k]), k
+
+
+def test_worker_frozen_while_a_generation_forms_wakes_into_the_next(cluster):
+    """Replica 0 stage 0 stops itself as generation 1 forms its world and stays stopped past the heartbeat timeout:
+    the coordinator ends generation 1 while the others wait for it. Woken before a replacement arrives, it must
+    not join generation 1 nor send on its groups (the others may hold receives they abandoned there, and gloo
+    aborts a process that gets data of another size): it first hears from the coordinator, finds its generation
+    ended, and exits 2 when generation 2 forms without it; every other worker finishes the run."""
+    c = cluster("frozen-forming", 2, 2, "train.steps=100", heartbeat_timeout=1.5)
+    workers = [c.worker(env=fault_env("forming", "stop", gen=1, grid_rank=0)) for _ in range(4)]
+    c.wait_for(lambda: c.events("generation-ended"), timeout=60, what="generation 1 to end")
+    victim = next(p for p in workers if p.pid == next(e["pid"] for e in c.events("assigned") if e["stage"] == 0
+                                                      and e["replica"] == 0))
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGCONT)
+    time.sleep(1.0)
+    replacement = c.worker()
+    assert victim.wait(timeout=60) == 2
+    assert "is not in generation 2" in open(victim.log_path).read()
+    assert c.wait_all([p for p in workers if p is not victim] + [replacement]) == [0, 0, 0, 0], c.tail()
+    assert {e["gen"] for e in c.events("resumed")} == {2}
+    check_ledger(c.run_dir, 2, steps=100)
+    no_tracebacks(c)

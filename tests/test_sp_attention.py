@@ -1,4 +1,4 @@
-"""Ulysses sequence-parallel attention (DeepSpeed, gloo) equals one device's attention, forward and backward."""
+"""Ulysses sequence-parallel attention (our two all-to-alls, gloo) equals one device's attention, forward and backward."""
 import json
 import os
 
