@@ -74,8 +74,13 @@ class DiLoCo:
             delta = _flatten_dense_tensors([self.anchor[i] - self.params[i].detach().float() for i in idx])
             if self.ef:
                 averages[f] = self.ef[f].aggregate(delta)
-            elif self.transport:
-                averages[f] = self.transport.mean(delta, done)
+            elif self.transport:  # between sites: a site that averaged alone takes the group's outer state back
+                anchors, moms = [self.anchor[i] for i in idx], [self.momentum[i] for i in idx]
+                outer = [_flatten_dense_tensors(anchors), _flatten_dense_tensors(moms)]
+                averages[f] = self.transport.mean(delta, done, outer)
+                for mine, new in zip(anchors + moms, [*_unflatten_dense_tensors(outer[0], anchors),
+                                                      *_unflatten_dense_tensors(outer[1], moms)]):
+                    mine.copy_(new)
             else:
                 averages[f] = mean_over_group(delta, self.precision, self.comm, self.group, self.link, self.n)
         k = self.contributors.pop(done, self.n)

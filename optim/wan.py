@@ -13,10 +13,20 @@ group's rows in slot order. The price: the buffer has one row per slot, so the b
 all-reduce's (2x for two sites). NoLoCo (group: pairs) averages [phi, Delta] directly: its replicas differ anyway.
 A group that does not form in time (a late or dead site) leaves the peer alone for that outer step: it keeps its
 own vector, warns, and training goes on.
+
+Re-sync (DiLoCo): a site that averaged alone moved its anchor and outer momentum by itself, so when it meets the
+others again their outer states differ. Every round gathers each member's digest of its outer state; if they
+differ, the reference is the digest most members hold (ties: the lowest slot's), and the group runs one more
+round on a second averager (`<prefix>_resync`, so no other round can join it) in which only the reference writes
+[anchor, momentum]: each member gets it divided by the group size m, computed once by the peer that reduces that
+part, and sets its outer state to m times that, the same bits on every member (within rounding of the
+reference's). NoLoCo needs none: its replicas differ by design and pairwise averaging pulls them together.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
+import hashlib
 import ipaddress
 import json
 import logging
@@ -109,6 +119,11 @@ class SitePeer:
             target_group_size=slots if self.exact else 2, min_group_size=2, min_matchmaking_time=wan.matchmaking_s,
             request_timeout=self.request_timeout, allreduce_timeout=wan.averaging_s,
             next_chunk_timeout=wan.averaging_s / 3, compression=self.wire)
+        self.resync = DecentralizedAverager(
+            [torch.zeros(1, 2 * size)], dht, start=True, prefix=f"{self.prefix}_resync", target_group_size=slots,
+            min_group_size=2, min_matchmaking_time=wan.matchmaking_s, request_timeout=self.request_timeout,
+            allreduce_timeout=wan.averaging_s, next_chunk_timeout=wan.averaging_s / 3,
+            compression=NoCompression()) if self.exact else None
         signal.signal(signal.SIGINT, ctrl_c)  # hivemind ignores Ctrl-C here, for its child: not for the trainer
 
     def meet(self) -> None:
@@ -133,9 +148,13 @@ class SitePeer:
         """t as a peer receives it through the wire format."""
         return self.wire.extract(self.wire.compress(t, None))
 
-    def mean(self, vec: torch.Tensor, step: int) -> torch.Tensor:
-        """DiLoCo: vec's mean over this outer step's group, the same bits on every member (vec itself if alone)."""
-        members = self._exchange(vec, self.slot, step)
+    def mean(self, vec: torch.Tensor, step: int, outer: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """DiLoCo: vec's mean over this outer step's group, the same bits on every member (vec itself if alone).
+        outer: this peer's flat [anchor, momentum]; if the members' differ, every member takes the reference's
+        (in place; see the module docstring)."""
+        digest = hashlib.blake2b(b"".join(t.detach().cpu().numpy().tobytes() for t in outer),
+                                 digest_size=16).hexdigest() if outer else ""
+        members, digests = self._exchange(vec, self.slot, step, digest)
         if len(members) == 1:
             return vec.clone()
         with self.averager.get_tensors() as (buf,):
@@ -144,29 +163,64 @@ class SitePeer:
         total = torch.zeros_like(vec)
         for row in rows:
             total += row
+        if outer and len(set(digests.values())) > 1:
+            self._resync(outer, members, digests, step)
         return total
+
+    def _resync(self, outer: list[torch.Tensor], members: list[int], digests: dict[int, str], step: int) -> None:
+        """Every member of this round's group takes the reference member's outer state (module docstring)."""
+        held = collections.Counter(digests.values())
+        reference = min(members, key=lambda s: (-held[digests[s]], s))
+        flat, m = torch.cat(outer).cpu(), len(members)
+        with self.resync.get_tensors() as (buf,):
+            buf.zero_()
+            if self.slot == reference:
+                buf[0] = flat
+        try:
+            gathered = self.resync.step(gather=(self.slot, step),
+                                        timeout=self.wan.matchmaking_s + 2 * self.request_timeout)
+            group = sorted(tuple(v) for v in gathered.values())  # (slot, step) of each member
+        except Exception as err:  # the group broke up: stay as is, the next round tries again
+            group = [f"{type(err).__name__}"]
+        if group != [(s, step) for s in members]:
+            warn(f"wan: outer step at step {step}: could not re-sync the outer state with slots {members} ({group})")
+            return
+        with self.resync.get_tensors() as (buf,):
+            row = flat / m if self.slot == reference else buf[0].clone()
+        for t, new in zip(outer, (row * m).split([t.numel() for t in outer])):
+            t.copy_(new)
+        self.comm.count(CROSS, 2 * (m - 1) / m * flat.numel() * 4)
+        if self.slot != reference:
+            warn(f"wan: outer step at step {step}: outer states differed; took slot {reference}'s")
+        with open(self.record_path, "a") as fh:
+            fh.write(json.dumps({"step": step, "resync_from": reference, "group": members}) + "\n")
 
     def pair_mean(self, vec: torch.Tensor, step: int) -> torch.Tensor:
         """NoLoCo: vec's mean with one other peer (vec itself if none came)."""
-        members = self._exchange(vec, 0, step)
+        members, _ = self._exchange(vec, 0, step)
         if len(members) == 1:
             return vec.clone()
         with self.averager.get_tensors() as (buf,):
             return buf[0].clone()
 
-    def _exchange(self, vec: torch.Tensor, row: int, step: int) -> list[int]:
-        """One hivemind averaging round with vec in `row` of the buffer; returns the group's slots, in order."""
+    def _exchange(self, vec: torch.Tensor, row: int, step: int, digest: str = "") -> tuple[list[int], dict[int, str]]:
+        """One hivemind averaging round with vec in `row` of the buffer; returns the group's slots, in order, and
+        each member's digest of its outer state."""
         with self.averager.get_tensors() as (buf,):
             buf.zero_()
             buf[row] = self._round_trip(vec)
         t0 = time.monotonic()
         try:
-            gathered = self.averager.step(gather=self.slot, timeout=self.wan.matchmaking_s + 2 * self.request_timeout)
-            members, reason = sorted(gathered.values()), "no other site joined"
+            gathered = self.averager.step(gather=(self.slot, digest),
+                                          timeout=self.wan.matchmaking_s + 2 * self.request_timeout)
+            digests = dict(gathered.values())
+            members, reason = sorted(s for s, _ in gathered.values()), "no other site joined"
         except Exception as err:  # no group in time, or the group broke up: hivemind raises several kinds
             members, reason = [self.slot], f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            digests = {self.slot: digest}
         if len(set(members)) < len(members):
             members, reason = [self.slot], f"two peers share a slot ({members}): give every site its own wan.site"
+            digests = {self.slot: digest}
         seconds = time.monotonic() - t0
         sent = 0.0
         if len(members) > 1:  # counted as a butterfly all-reduce of the buffer sends: 2 (m - 1) / m of it
@@ -178,10 +232,12 @@ class SitePeer:
             warn(f"wan: outer step at step {step}: averaging alone after {seconds:.1f}s ({reason})")
         with open(self.record_path, "a") as fh:
             fh.write(json.dumps({"step": step, "group": members, "seconds": round(seconds, 3), "bytes": sent}) + "\n")
-        return members
+        return members, digests
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+        if self.resync:
+            self.resync.shutdown()
         self.dht.shutdown()
 
 

@@ -65,6 +65,42 @@ def test_site_peers_agree_to_the_bit(tmp_path):
             d.shutdown()
 
 
+def test_sites_whose_outer_states_differ_take_the_reference_state_when_they_meet(tmp_path):
+    """DiLoCo over hivemind: sites that averaged alone (others unreachable) hold different anchors and outer
+    momenta when they meet again. The round that meets finds it from their digests and every member takes the
+    reference's state: with three sites of which two agree, the majority's (the same bits on all three, within
+    rounding of it); with two that differ, the lower slot's (exactly: halving and doubling is exact). A group that
+    agrees changes nothing and runs no extra round."""
+    from optim.wan import SitePeer, start_dht
+    wan = WanConfig(run_id=f"t{uuid.uuid4().hex[:8]}", host="127.0.0.1", startup_s=60, matchmaking_s=2)
+    first = start_dht(wan, [], 0, None)
+    dhts = [first, *(start_dht(wan, [str(a) for a in first.get_visible_maddrs()], 0, None) for _ in range(2))]
+    size = 3000
+
+    def state(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(size, generator=g), torch.randn(size, generator=g) * 1e-3]  # [anchor, momentum]
+
+    vecs = [torch.randn(size, generator=torch.Generator().manual_seed(100 + k)) for k in range(3)]
+    peers = [SitePeer(d, wan, "diloco", "fp32", 0, k, 3, size, Comm(), str(tmp_path / f"{k}.jsonl"))
+             for k, d in enumerate(dhts)]
+    try:
+        for step, seeds in ((5, (1, 1, 1)), (10, (2, 3, 3)), (15, (4, 5))):
+            outers = [state(seed) for seed in seeds]
+            means = in_threads([lambda k=k: peers[k].mean(vecs[k], step, outers[k]) for k in range(len(seeds))])
+            assert all(torch.equal(m, means[0]) for m in means)
+            for k in range(len(seeds)):
+                assert all(torch.equal(a, b) for a, b in zip(outers[k], outers[0])), (step, k)  # the same bits
+            reference = state(1 if step == 5 else 3 if step == 10 else 4)
+            for got, want in zip(outers[0], reference):
+                assert torch.equal(got, want) if step != 10 else torch.allclose(got, want, rtol=1e-6, atol=0)
+        records = [r for r in read_jsonl(str(tmp_path / "0.jsonl")) if "resync_from" in r]
+        assert [(r["step"], r["resync_from"], r["group"]) for r in records] == [(10, 1, [0, 1, 2]), (15, 0, [0, 1])]
+    finally:
+        for p in peers:
+            p.shutdown()
+
+
 SITE = ["parallel.replicas=1", "parallel.stages=2", "model.dim=32", "model.n_layers=2", "model.n_heads=2",
         "model.n_kv_heads=1", "data.seq_len=64", "train.batch_size=4", "parallel.microbatches=2", "train.steps=20",
         "log.eval_every=0", "log.log_every=5", "checkpoint.every=0", "log.tensorboard=false", "sync.method=diloco",
