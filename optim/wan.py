@@ -217,9 +217,9 @@ class SitePeer:
             members, reason = sorted(s for s, _ in gathered.values()), "no other site joined"
         except Exception as err:  # no group in time, or the group broke up: hivemind raises several kinds
             members, reason = [self.slot], f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            digests = {self.slot: digest}
         if len(set(members)) < len(members):
             members, reason = [self.slot], f"two peers share a slot ({members}): give every site its own wan.site"
+        if members == [self.slot]:
             digests = {self.slot: digest}
         seconds = time.monotonic() - t0
         sent = 0.0

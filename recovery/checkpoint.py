@@ -160,7 +160,7 @@ def salvage_step(folder: str, replicas: set[int] = frozenset()) -> int | None:
     extra = next(iter(found.values()))
     stages, lanes = extra["stages"], extra.get("lanes", 1)
     grid = [(s, ln) for s in range(stages) for ln in range(lanes)]
-    if not all(any((r, s, ln) in found for r in {k[0] for k in found}) for s, ln in grid):
+    if not {(s, ln) for _, s, ln in found} >= set(grid):
         return None
     if extra.get("replicas_differ") and not all(e.get("at_outer_step") for e in found.values()) and \
             not all((r, s, ln) in found for r in replicas for s, ln in grid):

@@ -472,7 +472,7 @@ def roll_back_absent(w: RankState) -> None:
     committed step (replicas move in lockstep), or under DiLoCo / NoLoCo to its newest outer step."""
     run_dir, topo = w.cfg.log.run_dir, w.topo
     # DiLoCo / NoLoCo: what an absent replica did after the newest outer step never reached one (not committed)
-    step = w.outer_snapshot["step"] if w.cfg.sync.method != "ddp" and w.outer_snapshot else w.committed
+    step = w.outer_snapshot["step"] if w.outer_snapshot else w.committed  # kept only under DiLoCo / NoLoCo
     ledgers = os.path.join(run_dir, "ledger")
     gone = {int(m.group(1)) for m in map(re.compile(r"replica(\d+)\.jsonl$").match,
                                          os.listdir(ledgers) if os.path.isdir(ledgers) else ()) if m}
@@ -528,7 +528,7 @@ def salvage_and_stop(w: RankState | None) -> CoordinatorLost:
     w.loader.step = w.committed
     path = checkpoint.salvage(w.ckpt_root, w.committed, w.module, w.optimizer, checkpoint_extra(w, w.committed),
                               w.slot)
-    outer = w.outer_snapshot if w.cfg.sync.method != "ddp" else None
+    outer = w.outer_snapshot  # kept only under DiLoCo / NoLoCo
     if outer and outer["step"] < w.committed:  # DiLoCo / NoLoCo: replicas may stop at different steps, but all
         # passed the newest outer step: its snapshot is a set every replica can resume from (checkpoint.choose)
         extra = {**checkpoint_extra(w, outer["step"]), "sync": outer["sync"],
