@@ -29,7 +29,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from config import Config, ConfigError, check_world, to_yaml
 from data.dataset import load_corpus
-from dist.comm import GenerationLost
+from dist.comm import INTRA, LANE, GenerationLost
 from dist.generation import start_generation
 from dist.groups import Groups, build_groups
 from dist.lanes import LaneRunner
@@ -350,10 +350,17 @@ def take_back(w: RankState, decision: Decision) -> None:
 
 def stop_before_world_step(w: RankState, done: int) -> None:
     """Training on after the generation ended elsewhere (DiLoCo): stop before an inner step that ends in an outer
-    step or a checkpoint, which need the next generation (its update would only be taken back)."""
+    step or a checkpoint, which need the next generation (its update would only be taken back). The ranks of the
+    replica decide together (a max over the replica): each learns of the end on its own heartbeat, and a rank
+    that stopped alone would leave the others waiting in that step's pipeline transfers."""
     cfg = w.cfg
-    if w.member and w.member.ending.is_set() and (done % cfg.sync.H == 0 or done == cfg.train.steps or
-                                                   (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
+    if w.member is None or w.member.defer_replica is None or not (
+            done % cfg.sync.H == 0 or done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
+        return
+    ending = torch.tensor([float(w.member.ending.is_set())])
+    w.comm.all_reduce(ending, w.groups.replica, INTRA, op=dist.ReduceOp.MAX)  # the stages of this lane,
+    w.comm.all_reduce(ending, w.groups.lanes, LANE, op=dist.ReduceOp.MAX)  # then the lanes: every rank of the replica
+    if ending.item():
         raise GenerationLost(f"the generation ended: this replica stops before step {done} (it needs the others)",
                              False)
 
