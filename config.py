@@ -27,6 +27,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    attention: str = "sdpa"  # sdpa: dense document mask | flex: FlexAttention, a block mask built once per micro-batch
 
 
 @dataclass
@@ -86,6 +87,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    fused: bool = False  # fused AdamW (one kernel for every parameter's update; the GPU presets' choice)
 
 
 @dataclass
@@ -95,6 +97,9 @@ class TrainConfig:
     seed: int = 1234
     device: str = "cpu"  # cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    precision: str = "fp32"  # fp32 | bf16: autocast matmuls to bf16 (fp32 weights, optimizer state and loss; bf16 pipeline transfers)
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward (memory for compute)
+    compile: bool = False  # torch.compile each layer (GPU presets; the first steps pay the compile)
 
 
 @dataclass
@@ -229,6 +234,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} must divide into parallel.microbatches={p.microbatches} equal micro-batches")
     if p.schedule not in ("gpipe", "1f1b"):
         raise ConfigError(f"parallel.schedule='{p.schedule}': choose gpipe or 1f1b")
+    if m.attention not in ("sdpa", "flex"):
+        raise ConfigError(f"model.attention='{m.attention}': choose sdpa or flex")
+    if m.attention == "flex" and t.device != "cuda":
+        raise ConfigError("model.attention=flex trains only on GPUs (FlexAttention has no backward on a CPU): set "
+                          "model.attention=sdpa, or train.device=cuda")
+    if t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision='{t.precision}': choose fp32 or bf16")
+    if t.device not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device='{t.device}': choose cpu or cuda")
     validate_sync(cfg.sync)
     validate_lanes(cfg)
     validate_wan(cfg)

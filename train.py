@@ -12,6 +12,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # before torch loads: c10
 
 import json
 import math
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def lanes_sum(w: RankState, value: float) -> float:
     """A last-stage value summed over the lanes of the stage (as it is with one lane, and on other stages)."""
     if w.topo.lanes == 1 or not w.module.last:
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    total = torch.tensor([value], dtype=torch.float64, device=w.device)
     w.comm.all_reduce(total, w.groups.lanes, LANE)
     return float(total)
 
@@ -107,7 +108,8 @@ def inner_step(w: RankState, step: int) -> tuple[float, float, float, StepWork]:
     lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale
     set_lr(w.optimizer, lr)
     if w.member:
-        w.undo = snapshot.take(module, w.optimizer, w.sync)  # so a half-committed step can be taken back
+        w.undo = snapshot.take(module, w.optimizer, w.sync, wait=False)  # so a half-committed step can be taken
+        # back (on a GPU: copied to pinned host memory while the update runs)
     w.optimizer.step()
     w.optimizer.zero_grad(set_to_none=False)
     w.applied = True
@@ -180,13 +182,20 @@ def log_plan(w: RankState, done: int, planned, seconds: float) -> dict:
     return record
 
 
+def peak_memory(device: torch.device) -> int:
+    """This process's peak bytes: the GPU allocator's on a GPU, the resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def finish(w: RankState) -> dict:
     cfg = w.cfg
     summary = {"event": "done", "steps": cfg.train.steps, "tokens_per_s": w.meter.overall(),
                "val_loss": None if math.isnan(w.val_loss) else w.val_loss,
                "unigram_entropy": w.corpus.unigram_entropy, "bytes_sent": w.comm.totals(),
                "world_size": w.topo.world_size, "sync": cfg.sync.method, "collectives": dict(w.comm.calls),
-               "p2p": dict(w.comm.p2p)}
+               "p2p": dict(w.comm.p2p), "peak_memory_bytes": peak_memory(w.device)}
     if w.log.is_logger:
         w.fence()
         with open(os.path.join(cfg.log.run_dir, "summary.json"), "w") as fh:

@@ -40,9 +40,9 @@ def _stream(token_lists: list[np.ndarray], eos: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def _save_atomic(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
+def _save_atomic(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, array)
     os.replace(tmp, path)
 
 
@@ -55,9 +55,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     root, files = list_files(cfg.source, cfg.path)
     os.makedirs(cfg.cache_dir, exist_ok=True)
     key = _fingerprint(cfg, root, files)
-    cache = os.path.join(cfg.cache_dir, f"tokens-{key}.npz")
+    cache = os.path.join(cfg.cache_dir, f"tokens-{key}")  # .train/.val/.lengths.npy, then .json (written last)
     tok_path = os.path.join(cfg.cache_dir, f"bpe-{key}.json")
-    if not os.path.exists(cache):
+    if not os.path.exists(f"{cache}.json"):
         docs = read_documents(root, files)
         train_docs = [d for d in docs if not is_validation(d.name, cfg.val_percent)]
         val_docs = [d for d in docs if is_validation(d.name, cfg.val_percent)]
@@ -67,16 +67,23 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         else:
             tok = ByteTokenizer()
             train_tok, val_tok = [tok.encode(d.text) for d in train_docs], [tok.encode(d.text) for d in val_docs]
-        _save_atomic(cache, train=_stream(train_tok, tok.eos), val=_stream(val_tok, tok.eos),
-                     lengths=np.array([len(t) for t in train_tok], dtype=np.int64),
-                     meta=np.array([tok.vocab_size, tok.eos, len(train_docs), len(val_docs)], dtype=np.int64))
-    with np.load(cache) as z:
-        train, val, lengths, meta = z["train"], z["val"], z["lengths"], z["meta"]
-    vocab_size, eos, n_train, n_val = (int(x) for x in meta)
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    corpus = Corpus(_windows(train, cfg.seq_len), _windows(val, cfg.seq_len), vocab_size, eos,
-                    float(-(p * np.log(p)).sum()), (n_train, n_val), lengths)
+        train = _stream(train_tok, tok.eos)
+        counts = np.bincount(train, minlength=tok.vocab_size).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        for part, array in (("train", train), ("val", _stream(val_tok, tok.eos)),
+                            ("lengths", np.array([len(t) for t in train_tok], dtype=np.int64))):
+            _save_atomic(f"{cache}.{part}.npy", array)
+        meta = {"vocab_size": tok.vocab_size, "eos": tok.eos, "documents": [len(train_docs), len(val_docs)],
+                "unigram_entropy": float(-(p * np.log(p)).sum())}
+        with open(f"{cache}.json.tmp{os.getpid()}", "w") as fh:
+            json.dump(meta, fh)
+        os.replace(f"{cache}.json.tmp{os.getpid()}", f"{cache}.json")
+    with open(f"{cache}.json") as fh:
+        meta = json.load(fh)
+    # memory-mapped: the workers of a machine share one copy in the page cache and start without reading it all
+    train, val, lengths = (np.load(f"{cache}.{part}.npy", mmap_mode="r") for part in ("train", "val", "lengths"))
+    corpus = Corpus(_windows(train, cfg.seq_len), _windows(val, cfg.seq_len), meta["vocab_size"], meta["eos"],
+                    meta["unigram_entropy"], tuple(meta["documents"]), lengths)
     if len(corpus.train) == 0 or len(corpus.val) == 0:
         raise DataError(f"corpus too small for data.seq_len={cfg.seq_len}: {len(corpus.train)} train / "
                          f"{len(corpus.val)} validation windows; add documents or lower data.seq_len / raise data.val_percent")

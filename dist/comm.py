@@ -25,14 +25,21 @@ class GenerationLost(RuntimeError):
         self.within_replica = within_replica  # the failed transfer's peer may be of this replica (not only another)
 
 
+class WrongDevice(RuntimeError):
+    """A tensor handed to a collective is not on the device its group's backend works on (a bug, not a fault)."""
+
+
 class Comm:
     """Counts bytes this rank sends per link class, collective calls and point-to-point transfers.
 
     Bytes are counted as a ring would send them: an all-reduce over n ranks sends 2 (n - 1) / n of
     the tensor, an all-gather (n - 1) times this rank's part; a point-to-point transfer its size.
+    Every tensor handed to a transfer must live on `device` (NCCL takes only this rank's GPU; we hold gloo to
+    the same rule, so a CPU run catches what would fail on GPUs).
     """
 
-    def __init__(self, abort=None, ending=None, lease=None):
+    def __init__(self, abort=None, ending=None, lease=None, device: torch.device = torch.device("cpu")):
+        self.device = torch.device(device)
         self.abort = abort  # threading.Event set when the generation ends (recovery on); None: plain blocking waits
         self.lease = lease  # called before every transfer: returns once membership is confirmed (or abort is set)
         self.ending = ending  # set while this rank's replica trains on to its next outer step after the generation
@@ -45,35 +52,39 @@ class Comm:
         n = dist.get_world_size(group)
         if n == 1:
             return
+        work = self._issue(dist.all_reduce, tensor, op=op, group=group, async_op=True)
         self.bytes_sent[link] += 2 * (n - 1) / n * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        self.wait(self._issue(dist.all_reduce, tensor, op=op, group=group, async_op=True), link)
+        self.wait(work, link)
 
     def all_gather(self, tensor: torch.Tensor, group, link: str) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape everywhere), in group rank order."""
         n = dist.get_world_size(group)
         if n == 1:
             return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(n)]
+        work = self._issue(dist.all_gather, out, tensor, group=group, async_op=True)
         self.bytes_sent[link] += (n - 1) * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        out = [torch.empty_like(tensor) for _ in range(n)]
-        self.wait(self._issue(dist.all_gather, out, tensor, group=group, async_op=True), link)
+        self.wait(work, link)
         return out
 
     def all_to_all(self, tensor: torch.Tensor, group, link: str = SP) -> torch.Tensor:
         """Row i of `tensor` (first dimension: the group size) to group rank i; row j of the result from rank j."""
         n = dist.get_world_size(group)
+        out = torch.empty_like(tensor)
+        work = self._issue(dist.all_to_all_single, out, tensor.contiguous(), group=group, async_op=True)
         self.bytes_sent[link] += (n - 1) / n * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        out = torch.empty_like(tensor)
-        self.wait(self._issue(dist.all_to_all_single, out, tensor.contiguous(), group=group, async_op=True), link)
+        self.wait(work, link)
         return out
 
     def send(self, tensor: torch.Tensor, pair, link: str = INTRA):
         """Start sending to the other ranks of a group (a 2-rank group: its peer); returns the pending work."""
+        work = self._issue(dist.broadcast, tensor, src=dist.get_rank(), group=pair, async_op=True)
         self.bytes_sent[link] += tensor.numel() * tensor.element_size()
         self.p2p[link] += 1
-        return self._issue(dist.broadcast, tensor, src=dist.get_rank(), group=pair, async_op=True)
+        return work
 
     def recv(self, tensor: torch.Tensor, pair, src: int, link: str = INTRA) -> torch.Tensor:
         """Receive into `tensor` from global rank `src` of a 2-rank group (broadcast: pollable on gloo)."""
@@ -93,7 +104,7 @@ class Comm:
 
     def barrier(self, group=None, link: str = "control") -> None:
         """Every rank of the group got here (an all-reduce of one number: pollable, unlike dist.barrier)."""
-        self.all_reduce(torch.zeros(1), group, link)
+        self.all_reduce(torch.zeros(1, device=self.device), group, link)
 
     def broadcast_object(self, obj, src: int, group=None, link: str = "control"):
         """`obj` of global rank `src` on every rank of the group: its size, then its bytes (broadcasts, so every
@@ -101,13 +112,13 @@ class Comm:
         if dist.get_rank() == src:
             buf = io.BytesIO()
             torch.save(obj, buf)
-            data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-            self.wait(self.send(torch.tensor([data.numel()]), group, link), link)
+            data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8).to(self.device)
+            self.wait(self.send(torch.tensor([data.numel()], device=self.device), group, link), link)
             self.wait(self.send(data, group, link), link)
             return obj
-        n = self.recv(torch.zeros(1, dtype=torch.int64), group, src, link)
-        data = self.recv(torch.empty(int(n), dtype=torch.uint8), group, src, link)
-        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+        n = self.recv(torch.zeros(1, dtype=torch.int64, device=self.device), group, src, link)
+        data = self.recv(torch.empty(int(n), dtype=torch.uint8, device=self.device), group, src, link)
+        return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=False, map_location=self.device)
 
     def blocking(self, fn, what: str):
         """Run a call that makes its own collectives we cannot poll (DCP's save and load): on a thread, watching
@@ -139,6 +150,11 @@ class Comm:
         self.calls[link] += 1
 
     def _issue(self, fn, *args, **kwargs):
+        for arg in args:
+            for t in arg if isinstance(arg, list) else (arg,):
+                if isinstance(t, torch.Tensor) and t.device != self.device:
+                    raise WrongDevice(f"a {t.dtype} tensor on {t.device} was handed to {fn.__name__} of a group on "
+                                      f"{self.device}: create it with device=comm.device")
         if self.lease is not None:
             self.lease()
             if self.abort.is_set():

@@ -1,7 +1,8 @@
 """One generation of the world: a fresh default process group on its own store prefix.
 
 Old groups may still hold a transfer that will never finish; destroying them would block for the group
-timeout, so they are kept (the graveyard) until the process ends with `exit_process`.
+timeout, so they are kept (the graveyard) until the process ends with `exit_process`. NCCL groups are aborted
+instead: a NCCL kernel waiting on a dead peer never returns, and would hold the GPU's next communicators.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ _GRAVEYARD: list = []
 def start_generation(store, gen: int, rank: int, world: int, backend: str, timeout_s: float, keep: tuple = ()) -> None:
     """Leave the previous generation's groups behind and join generation `gen` as `rank` of `world`; a peer
     that never arrives fails the call after timeout_s (the caller raises it afterwards for transfers)."""
-    if dist.is_initialized():
+    if dist.is_initialized() and "nccl" in dist.get_backend():  # a kernel may wait on a dead peer for ever and
+        _GRAVEYARD.append(keep)  # cannot be polled out of it: abort every communicator (and forget the groups)
+        c10d._abort_process_group()
+    elif dist.is_initialized():
         _GRAVEYARD.append((c10d._get_default_group(), *keep))
         dist.destroy_process_group()  # also resets the counter that names unnamed groups
     else:

@@ -26,8 +26,14 @@ def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tupl
     return actions
 
 
-def _activation(mb: Batch, dim: int) -> torch.Tensor:
-    return torch.empty(*mb.inputs.shape, dim, device=mb.inputs.device)
+def _activation(mb: Batch, module: Stage) -> torch.Tensor:
+    """A receive buffer for a micro-batch's hidden states, in the dtype they travel in (module.wire_dtype)."""
+    return torch.empty(*mb.inputs.shape, module.cfg.dim, device=mb.inputs.device, dtype=module.wire_dtype)
+
+
+def _received(buffer: torch.Tensor) -> torch.Tensor:
+    """Received hidden states as the fp32 input of this stage's layers, a leaf that collects their gradient."""
+    return buffer.float().requires_grad_(True)
 
 
 def run_rows(module: Stage, x: torch.Tensor, mb: Batch) -> torch.Tensor:
@@ -56,15 +62,14 @@ def train_step(module: Stage, microbatches: list, hops: list[tuple[int, int]], g
                 x = mb.inputs
             else:
                 link = groups.prev[prev_r].fwd
-                x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer)
-                x.requires_grad_(True)
+                x = _received(comm.recv(_activation(mb, module), link.group, link.peer))
             out = run(module, x, mb)
             if module.last:
                 out = token_loss_sum(out, mb.targets) / n_tokens
                 loss += out.detach()
             else:
                 link = groups.next[next_r].fwd
-                pending.append(comm.send(out.detach(), link.group, link.kind))
+                pending.append(comm.send(out.detach().to(module.wire_dtype), link.group, link.kind))
             saved[i] = (x, out)
         else:
             x, out = saved.pop(i)
@@ -72,10 +77,10 @@ def train_step(module: Stage, microbatches: list, hops: list[tuple[int, int]], g
                 out.backward()
             else:
                 link = groups.next[next_r].bwd
-                out.backward(comm.recv(torch.empty_like(out), link.group, link.peer))
+                out.backward(comm.recv(torch.empty_like(out, dtype=module.wire_dtype), link.group, link.peer).to(out.dtype))
             if not module.first:
                 link = groups.prev[prev_r].bwd
-                pending.append(comm.send(x.grad, link.group, link.kind))
+                pending.append(comm.send(x.grad.to(module.wire_dtype), link.group, link.kind))
     for work in pending:
         comm.wait(work)
     return float(loss) if module.last else float("nan")
@@ -124,14 +129,14 @@ def train_step_routes(module: Stage, microbatches: list[Batch], routes: list[lis
                 x = mb.inputs
             else:
                 link = groups.near[route[k - 1][0]]
-                x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer).requires_grad_(True)
+                x = _received(comm.recv(_activation(mb, module), link.group, link.peer))
             out = module.forward_parts(x, module.prepare(mb.doc_ids), parts)
             if parts[-1] == "H":
                 out = token_loss_sum(out, mb.targets) / n_tokens
                 loss += out.detach()
             else:
                 link = groups.near[route[k + 1][0]]
-                pending.append(comm.send(out.detach(), link.group, link.kind))
+                pending.append(comm.send(out.detach().to(module.wire_dtype), link.group, link.kind))
             saved[i, k] = (x, out)
     for i, route in enumerate(routes):
         for k in reversed(range(len(route))):
@@ -143,10 +148,10 @@ def train_step_routes(module: Stage, microbatches: list[Batch], routes: list[lis
                 out.backward()
             else:
                 link = groups.near[route[k + 1][0]]
-                out.backward(comm.recv(torch.empty_like(out), link.group, link.peer))
+                out.backward(comm.recv(torch.empty_like(out, dtype=module.wire_dtype), link.group, link.peer).to(out.dtype))
             if parts[0] != "E":
                 link = groups.near[route[k - 1][0]]
-                pending.append(comm.send(x.grad, link.group, link.kind))
+                pending.append(comm.send(x.grad.to(module.wire_dtype), link.group, link.kind))
     for work in pending:
         comm.wait(work)
     return float(loss) if module.last else float("nan")
@@ -161,12 +166,12 @@ def eval_step(module: Stage, microbatches: list[Batch], replica: int, groups: Gr
             x = mb.inputs
         else:
             link = groups.prev[replica].fwd
-            x = comm.recv(_activation(mb, module.cfg.dim), link.group, link.peer)
+            x = comm.recv(_activation(mb, module), link.group, link.peer).float()
         out = module(x, module.prepare(mb.doc_ids))
         if module.last:
             loss_sum += float(token_loss_sum(out, mb.targets))
         else:
-            pending.append(comm.send(out, groups.next[replica].fwd.group))
+            pending.append(comm.send(out.to(module.wire_dtype), groups.next[replica].fwd.group))
     for work in pending:
         comm.wait(work)
     return loss_sum

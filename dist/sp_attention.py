@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from dist.comm import SP, Comm
+from dist.comm import Comm
+from model.llama import attention
 
 
 class MaskedAttention(nn.Module):
-    """Local attention on (s, b, h, d) tensors with a (b, 1, s, s) boolean mask (causal, within documents)."""
+    """Local attention on (s, b, h, d) tensors with the whole sequence's mask (a (b, 1, s, s) boolean tensor or a
+    BlockMask: causal, within documents)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # -> (b, h, s, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        y = attention(q, k, v, mask)
         return y.permute(2, 0, 1, 3)  # -> (s, b, h, d)
 
 

@@ -30,6 +30,12 @@ def worker_cmd(*overrides: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "train.py"), *overrides]
 
 
+def gpu_count() -> int:
+    """GPUs this machine shows (torch loaded only for a run on GPUs)."""
+    import torch
+    return torch.cuda.device_count()
+
+
 class Cluster:
     """One run: `start()` the coordinator, `worker()` as many times as needed (the same command for replacements)."""
 
@@ -43,6 +49,7 @@ class Cluster:
                           f"recovery.coordinator=127.0.0.1:{self.port}", *overrides]
         self.coordinator: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.gpus = gpu_count() if "train.device=cuda" in overrides else 0
         os.makedirs(run_dir, exist_ok=True)
 
     @property
@@ -80,11 +87,21 @@ class Cluster:
         """One more worker process; `env` adds variables (a test's fault injection: tests/faults.py)."""
         i = sum(name.startswith("worker") for name in os.listdir(self.run_dir))
         log = open(os.path.join(self.run_dir, f"worker{i}.log"), "w")
+        gpu = self.free_gpu()
         proc = subprocess.Popen(worker_cmd(*self.overrides, *extra), cwd=ROOT,
-                                env=self.env(secret, env), stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = log.name
+                                env=self.env(secret, {**(env or {}), **({"LOCAL_RANK": str(gpu)} if self.gpus else {})}),
+                                stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path, proc.gpu = log.name, gpu
         self.workers.append(proc)
         return proc
+
+    def free_gpu(self) -> int:
+        """The lowest GPU no live worker holds (a replacement takes its dead predecessor's); with more live workers
+        than GPUs they share, least-held first (gloo on CUDA allows it, NCCL does not)."""
+        if not self.gpus:
+            return -1
+        held = [p.gpu for p in self.workers if p.poll() is None]
+        return min(range(self.gpus), key=lambda g: (held.count(g), g))
 
     def events(self, kind: str | None = None) -> list[dict]:
         return [e for e in read_jsonl(self.events_path) if kind is None or e["event"] == kind]

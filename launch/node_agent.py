@@ -45,7 +45,8 @@ def describe(code: int) -> str:
 
 def launch(slot: Slot, cmd: list[str]) -> None:
     say(f"worker {slot.index}: FLOTILLA_SECRET=<from the environment> {shlex.join(cmd)}")
-    slot.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    slot.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                     "LOCAL_RANK": str(slot.index)})  # worker slot k: GPU k
     slot.started = time.monotonic()
     say(f"worker {slot.index}: pid {slot.proc.pid}")
 

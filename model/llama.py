@@ -1,9 +1,13 @@
 """Llama-style decoder pieces: RMSNorm, RoPE, SwiGLU, grouped-query attention with document masking."""
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from config import ModelConfig
 
@@ -29,6 +33,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")  # CPU runs it
+# eagerly on purpose (tests check it against SDPA; compiling it there needs a C++ toolchain and minutes)
+
+
+@functools.cache
+def _compiled_flex():
+    """FlexAttention compiled once per process: on GPUs its fused kernel is the point (eager is a T x T fallback)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for (b, h, t, d) q and (b, kv_heads, t, d) k, v (GQA: each KV head serves
+    h / kv_heads query heads). mask: a dense (b, 1, t, t) boolean tensor (SDPA; on GPUs a dense mask selects the
+    math kernel with fp32 T x T scores) or a FlexAttention BlockMask (block-sparse: blocks outside every
+    document are skipped, and no T x T tensor is made)."""
+    gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -48,8 +74,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attend is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-            y = y.transpose(1, 2)
+            y = attention(q, k, v, mask).transpose(1, 2)
         else:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -88,6 +113,22 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same_doc & causal)[:, None]
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """The same mask as document_mask as a FlexAttention BlockMask (built once per micro-batch, shared by layers)."""
+    b, t = doc_ids.shape
+
+    def causal_same_document(batch, head, q_idx, kv_idx):
+        return (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx]) & (q_idx >= kv_idx)
+
+    return create_block_mask(causal_same_document, b, None, t, t, device=doc_ids.device)
+
+
+def causal_block_mask(length: int, device) -> BlockMask:
+    """A causal BlockMask over a whole sequence of `length` tokens (sequence-parallel shards of one document)."""
+    return create_block_mask(lambda batch, head, q_idx, kv_idx: q_idx >= kv_idx, None, None, length, length,
+                             device=device)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
-from model.llama import Block, document_mask, document_positions, rope_tables
+from model.llama import Block, causal_block_mask, document_block_mask, document_mask, document_positions, rope_tables
 
 
 def split_layers(n_layers: int, stages: int) -> list[range]:
@@ -28,7 +29,7 @@ class StageInputs:
     """What every layer needs besides the hidden state, derived once per micro-batch from document ids."""
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor
+    mask: object  # a dense (b, 1, t, t) boolean mask (model.attention=sdpa) or a FlexAttention BlockMask (flex)
     attend: object = None  # sequence-parallel attention over the lanes sharing this sequence (None: local)
 
 
@@ -45,16 +46,27 @@ class Stage(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.autocast_dtype: torch.dtype | None = None  # bf16: matmuls under autocast (set_fast_path)
+        self.recompute = False  # activation checkpointing per layer
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype of activations and their gradients between stages: the autocast dtype (half the bytes)."""
+        return self.autocast_dtype or torch.float32
 
     def prepare(self, doc_ids: torch.Tensor) -> StageInputs:
         pos = document_positions(doc_ids)
-        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], document_mask(doc_ids))
+        mask = document_block_mask(doc_ids) if self.cfg.attention == "flex" else document_mask(doc_ids)
+        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], mask)
 
     def prepare_shard(self, positions: torch.Tensor, length: int, attend) -> StageInputs:
         """Inputs for one lane's slice of a single sequence (`positions`: its tokens' places in the sequence,
         (1, t)) whose whole padded length is `length`: causal mask over all of it (sequence-parallel)."""
         pos = positions.clamp(max=self.rope_cos.shape[0] - 1)  # padding past the last table row: never attended to
-        causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()[None, None]
+        if self.cfg.attention == "flex":
+            causal = causal_block_mask(length, positions.device)
+        else:
+            causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()[None, None]
         return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], causal, attend)
 
     def forward(self, x: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
@@ -63,11 +75,15 @@ class Stage(nn.Module):
 
     def forward_parts(self, x: torch.Tensor, inputs: StageInputs, parts: str) -> torch.Tensor:
         """Some of this stage's blocks in order: E(mbedding), L(ayers), H(ead: norm + output layer)."""
-        h = self.embed(x) if "E" in parts else x
-        if "L" in parts:
-            for layer in self.layers.values():
-                h = layer(h, inputs.cos, inputs.sin, inputs.mask, inputs.attend)
-        return self.head(self.norm(h)) if "H" in parts else h
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            h = self.embed(x) if "E" in parts else x
+            if "L" in parts:
+                for layer in self.layers.values():
+                    args = (h, inputs.cos, inputs.sin, inputs.mask, inputs.attend)
+                    h = checkpoint(layer, *args, use_reentrant=False) if self.recompute and torch.is_grad_enabled() \
+                        else layer(*args)
+            return self.head(self.norm(h)) if "H" in parts else h
 
 
 def init_weights(module: nn.Module, seed: int, std: float) -> None:
@@ -86,6 +102,17 @@ def build_stage(cfg: ModelConfig, stage: int, stages: int, max_seq_len: int, see
     layer_ids = split_layers(cfg.n_layers, stages)[stage]
     module = Stage(cfg, layer_ids, first=stage == 0, last=stage == stages - 1, max_seq_len=max_seq_len)
     init_weights(module, seed, cfg.init_std)
+    return module
+
+
+def set_fast_path(module: Stage, precision: str, recompute: bool, compile_layers: bool) -> Stage:
+    """The GPU step's switches: bf16 autocast (weights, optimizer state and the loss stay fp32), activation
+    checkpointing per layer, torch.compile per layer (parameter names unchanged, so checkpoints still load)."""
+    module.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    module.recompute = recompute
+    if compile_layers:
+        for layer in module.layers.values():
+            layer.compile()
     return module
 
 

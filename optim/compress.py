@@ -47,11 +47,12 @@ def topk_decode(s: Sparse, d: int, chunk: int = 32768) -> torch.Tensor:
     return rows.view(-1)[:d]
 
 
-def randk_indices(d: int, ratio: float, seed: int) -> torch.Tensor:
-    """The shared random coordinate set for a round (same seed -> same set on every rank)."""
+def randk_indices(d: int, ratio: float, seed: int, device=None) -> torch.Tensor:
+    """The shared random coordinate set for a round (same seed and device type -> same set on every rank), drawn
+    on the vector's device (a host permutation of a large model's d would stall every round)."""
     k = max(1, round(ratio * d))
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(d, generator=g)[:k]
+    g = torch.Generator(device=device or "cpu").manual_seed(seed)
+    return torch.randperm(d, generator=g, device=device or "cpu")[:k]
 
 
 def _even_chunk(d: int, max_chunk: int) -> int:

@@ -49,7 +49,7 @@ class ErrorFeedback:
                 mean += compress.topk_decode(compress.Sparse(v, o), d, self.chunk)
             return compress.topk_decode(s, d, self.chunk), mean.div_(self.n)
         if self.compressor == "randk":
-            idx = compress.randk_indices(d, self.ratio, self.seed * 1_000_003 + self.rounds).to(vec.device)
+            idx = compress.randk_indices(d, self.ratio, self.seed * 1_000_003 + self.rounds, vec.device)
             own = vec.new_zeros(d)
             own[idx] = vec[idx]
             mean = vec.new_zeros(d)

@@ -183,7 +183,7 @@ def decide_per_replica(infos: list[RankInfo], coupled: bool = False, join: Calla
 
 
 def gather_infos(me: RankInfo, comm: Comm) -> list[RankInfo]:
-    return [RankInfo.unpack(t) for t in comm.all_gather(me.pack(), None, RECOVERY)]
+    return [RankInfo.unpack(t) for t in comm.all_gather(me.pack().to(comm.device), None, RECOVERY)]
 
 
 def _layers(module) -> list[dict]:

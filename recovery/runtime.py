@@ -56,14 +56,24 @@ def choose_backend(cfg: Config) -> str:
         raise ConfigError("train.device=cuda but no GPU is visible: use train.device=cpu")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    return cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and cfg.recovery.coordinator:  # we abort NCCL groups ourselves when a generation ends;
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # the watchdog would kill the survivors
+    return backend
 
 
-def choose_device(cfg: Config) -> torch.device:
-    """This worker's device: the GPU of its local slot (torchrun's LOCAL_RANK), set once."""
+def choose_device(cfg: Config, backend: str) -> torch.device:
+    """This worker's device: the GPU of its local slot (torchrun's LOCAL_RANK, a node agent's worker index), set
+    once. NCCL needs a GPU per rank; gloo ranks may share one (slot modulo the GPUs: tests on one GPU)."""
     if cfg.train.device != "cuda":
         return torch.device("cpu")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    slot, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if "nccl" not in backend:
+        slot %= visible
+    elif slot >= visible:
+        raise ConfigError(f"worker slot {slot} of this node has no GPU ({visible} visible): start at most {visible} "
+                          f"worker(s) per node (torchrun --nproc-per-node, node_agent --workers)")
+    device = torch.device(f"cuda:{slot}")
     torch.cuda.set_device(device)
     return device
 
@@ -195,7 +205,7 @@ def announce(w: RankState, resumed_from: str | None) -> None:
         w.fence()
         with open(os.path.join(cfg.log.run_dir, "config.yaml"), "w") as fh:
             fh.write(to_yaml(cfg))
-    n_params = torch.tensor([float(sum(p.numel() for p in w.module.parameters()))])
+    n_params = torch.tensor([float(sum(p.numel() for p in w.module.parameters()))], device=w.device)
     w.comm.all_reduce(n_params, w.groups.replica, "setup")
     lanes = f" x {w.topo.lanes} lanes (sp {cfg.parallel.sp})" if w.topo.lanes > 1 else ""
     w.log.say(f"flotilla: {w.topo.replicas} replica(s) x {w.topo.stages} stage(s){lanes}, {cfg.parallel.schedule} with "
@@ -225,7 +235,7 @@ def run_once(cfg: Config, train: TrainLoop) -> RankState:
     check_world(cfg, dist.get_world_size())
     rank = dist.get_rank()
     topo = Topology(cfg.parallel.replicas, cfg.parallel.stages, lanes=cfg.parallel.lanes)
-    w = build_state(cfg, topo, *topo.slot(rank), choose_device(cfg), load_corpus(cfg.data), None, topo.lane(rank))
+    w = build_state(cfg, topo, *topo.slot(rank), choose_device(cfg, backend), load_corpus(cfg.data), None, topo.lane(rank))
     connect(w, cfg.parallel.timeout_s)
     w.launch = w.comm.broadcast_object(time.time(), 0)
     os.makedirs(cfg.log.run_dir, exist_ok=True)
@@ -275,7 +285,8 @@ def run_generations(cfg: Config, train: TrainLoop) -> RankState:
     """Wait for a plan, form its world, agree on a state, train until done or lost; again after every loss."""
     member = Member(cfg.recovery.coordinator, cfg.recovery.run_id, cfg.recovery.heartbeat_s)
     check_timeouts(cfg, member.settings)
-    backend, device = choose_backend(cfg), choose_device(cfg)
+    backend = choose_backend(cfg)
+    device = choose_device(cfg, backend)
     corpus = load_corpus(cfg.data)  # before the first plan: a replacement is ready to train when it gets a slot
     phase_s = member.settings["heartbeat_timeout_s"] + cfg.recovery.phase_margin_s
     w: RankState | None = None
@@ -357,7 +368,7 @@ def stop_before_world_step(w: RankState, done: int) -> None:
     if w.member is None or w.member.defer_replica is None or not (
             done % cfg.sync.H == 0 or done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
         return
-    ending = torch.tensor([float(w.member.ending.is_set())])
+    ending = torch.tensor([float(w.member.ending.is_set())], device=w.device)
     w.comm.all_reduce(ending, w.groups.replica, INTRA, op=dist.ReduceOp.MAX)  # the stages of this lane,
     w.comm.all_reduce(ending, w.groups.lanes, LANE, op=dist.ReduceOp.MAX)  # then the lanes: every rank of the replica
     if ending.item():

@@ -19,7 +19,7 @@ from dist.lanes import LaneRunner
 from dist.sp_cost import SPCost
 from dist.topology import Topology
 from metrics import RunLog, Throughput
-from model.stages import Stage, build_stage
+from model.stages import Stage, build_stage, set_fast_path
 from optim.inner import build_optimizer
 from optim.sync import Sync
 from recovery.membership import Member
@@ -105,9 +105,10 @@ def build_state(cfg: Config, topo: Topology, replica: int, stage: int, device, c
                 member: Member | None, lane: int = 0) -> RankState:
     module = build_stage(model_config(cfg, corpus.vocab_size), stage, topo.stages, cfg.data.seq_len,
                          cfg.train.seed).to(device)
+    set_fast_path(module, cfg.train.precision, cfg.train.activation_checkpointing, cfg.train.compile)
     shard = cfg.wan.site * topo.replicas + replica, cfg.wan.sites * topo.replicas  # site k reads like replica k
     loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, *shard, cfg.train.batch_size)
-    comm = Comm(member.abort, member.ending, member.hold_lease) if member else Comm()
+    comm = Comm(member.abort, member.ending, member.hold_lease, device) if member else Comm(device=device)
     meter = Throughput(topo.replicas * cfg.train.batch_size * cfg.data.seq_len)
     return RankState(cfg, topo, replica, stage, device, corpus, module, build_optimizer(module, cfg.optim), loader,
                      comm, member, lane, meter=meter)

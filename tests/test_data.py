@@ -149,7 +149,9 @@ def test_load_corpus_windows_split_and_cache(corpus_dir, monkeypatch):
     c2 = load_corpus(cfg)
     assert np.array_equal(c2.train, c.train) and np.array_equal(c2.val, c.val)
     assert c2.n_docs == c.n_docs and c2.unigram_entropy == c.unigram_entropy
-    assert len([f for f in os.listdir(cfg.cache_dir) if f.startswith("tokens-")]) == 1
+    assert sorted(f.split(".", 1)[1] for f in os.listdir(cfg.cache_dir) if f.startswith("tokens-")) == \
+        ["json", "lengths.npy", "train.npy", "val.npy"]  # one cache: its arrays and the record written last
+    assert isinstance(c2.train, np.memmap) or isinstance(c2.train.base, np.memmap)  # mapped, not read whole
 
 
 def test_validation_split_is_by_name_and_stable():
