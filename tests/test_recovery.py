@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from launch.cluster import Cluster
 from metrics import read_log
-from tests.faults import fault_env
+from tests.faults import fault_env, faults_env
 
 TINY = ["model.dim=32", "model.n_layers=6", "model.n_heads=2", "model.n_kv_heads=1", "data.seq_len=64",
         "train.batch_size=4", "parallel.microbatches=2", "train.steps=14", "checkpoint.every=0", "log.eval_every=0",
@@ -44,6 +45,27 @@ def kill_and_replace(c, victims, at_step=6):
     codes = c.wait_all([p for p in workers if p.returncode is None] + replacements)
     assert codes == [0] * len(codes), c.tail()
     return workers
+
+
+@pytest.fixture(scope="module")
+def failure_free(tmp_path_factory, corpus_cache):
+    """(replicas, stages, *overrides) -> final weights of a failure-free run of TINY with them, run once per module
+    (tests comparing against the same failure-free run share it; recovery.rejoin changes nothing without a failure)."""
+    runs = {}
+
+    def weights(replicas, stages, *overrides):
+        key = (replicas, stages, *overrides)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp("failure-free")
+            c = Cluster(str(folder / "run"), replicas, stages, [*TINY, f"data.cache_dir={corpus_cache}", *overrides])
+            try:
+                assert c.start().wait_all([c.worker() for _ in range(replicas * stages)]) == [0] * (replicas * stages)
+            finally:
+                c.stop()
+            runs[key] = final_weights(c.run_dir, folder)
+        return runs[key]
+
+    return weights
 
 
 def final_weights(run_dir, tmp_path, steps=14):
@@ -199,7 +221,7 @@ def test_diloco_replica_count_goes_4_3_4_at_outer_steps(cluster):
 
 @pytest.mark.parametrize("method,rejoin,tolerance", [("diloco", "replay", 0.02), ("noloco", "replay", 0.02),
                                                     ("diloco", "skip", 0.05)])
-def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, method, rejoin, tolerance):
+def test_interior_stage_lost_under_low_communication_sync(cluster, failure_free, tmp_path, method, rejoin, tolerance):
     """DiLoCo / NoLoCo (H = 4) on 2 x 3: replica 1's stage 1 dies mid-step 6 (5 with skip). Replica 1 rewinds to the outer
     step at 4 (the lost stage from replica 0's snapshot of it) while replica 0 goes on. With rejoin=replay it
     redoes steps 4-5 with the same data; with skip it joins the outer step at 8 with a zero pseudo-gradient and
@@ -225,9 +247,7 @@ def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, met
             b = read_log(os.path.join(c.run_dir, "sync", f"rank{3 + stage}.jsonl"))
             assert [(r["step"], r["digest"]) for r in a] == [(r["step"], r["digest"]) for r in b]
             assert [r["step"] for r in a] == [4, 8, 12]
-    whole = cluster(f"{method}-{rejoin}-whole", 2, 3, *sync)
-    assert whole.wait_all([whole.worker() for _ in range(6)]) == [0] * 6
-    a, b = final_weights(c.run_dir, tmp_path), final_weights(whole.run_dir, tmp_path)
+    a, b = final_weights(c.run_dir, tmp_path), failure_free(2, 3, f"sync.method={method}", "sync.H=4")
     for replica in a:
         num = sum(float((a[replica]["model"][k] - b[replica]["model"][k]).square().sum()) for k in b[replica]["model"])
         den = sum(float(t.square().sum()) for t in b[replica]["model"].values())
@@ -235,29 +255,29 @@ def test_interior_stage_lost_under_low_communication_sync(cluster, tmp_path, met
         assert (num / den) ** 0.5 < tolerance, (replica, (num / den) ** 0.5)
 
 
-@pytest.mark.parametrize("sync,victim,point", [
-    (["sync.method=diloco"], 3, "step"),  # replica 1's first stage, mid-step 6
-    (["sync.method=diloco"], 5, "updated"),  # its last stage, after the update of step 7: mid outer step 8
-    (["sync.method=diloco", "sync.compress=ef21-topk"], 4, "step"),
-    (["sync.method=diloco", "sync.compress=ef21-topk"], 5, "updated"),
-    (["sync.method=noloco"], 3, "step"),
-    (["sync.method=noloco"], 5, "updated"),
-    (["sync.method=diloco", "sync.routing=true"], 4, "step"),  # routed: replica 0 rewinds with it (lockstep)
-    (["sync.method=noloco", "sync.routing=true"], 5, "updated"),
-], ids=["diloco-first", "diloco-last-outer", "diloco-ef21-interior", "diloco-ef21-last-outer", "noloco-first",
-        "noloco-last-outer", "diloco-routed-interior", "noloco-routed-last-outer"])
-def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync, victim, point):
+@pytest.mark.parametrize("sync,faults", [
+    # replica 1's first stage mid-step 6, then its last stage after the update of step 11: mid outer step 12
+    (["sync.method=diloco"], [(3, "step", 6), (5, "updated", 11)]),
+    (["sync.method=diloco", "sync.compress=ef21-topk"], [(4, "step", 6), (5, "updated", 11)]),
+    (["sync.method=noloco"], [(3, "step", 6), (5, "updated", 11)]),
+    (["sync.method=diloco", "sync.routing=true"], [(4, "step", 6)]),  # routed: replica 0 rewinds with it (lockstep)
+    (["sync.method=noloco", "sync.routing=true"], [(5, "updated", 7)]),
+], ids=["diloco-first-then-last-outer", "diloco-ef21-interior-then-last-outer", "noloco-first-then-last-outer",
+        "diloco-routed-interior", "noloco-routed-last-outer"])
+def test_edge_stages_and_outer_steps_under_low_communication_sync(cluster, sync, faults):
     """The other stages and moments: the first and the last stage, and a death between a step's update and
-    its outer exchange (the other replica is then waiting in the outer step); and routed pipelines, whose
-    replicas all rewind together. The replica rewinds, the run finishes, every ledger holds each step once, and
-    DiLoCo replicas agree after every outer step."""
+    its outer exchange (the other replica is then waiting in the outer step), one after the other in a run; and
+    routed pipelines, whose replicas all rewind together. The replica rewinds each time, the run finishes,
+    every ledger holds each step once, and DiLoCo replicas agree after every outer step."""
     c = cluster("edge", 2, 3, *sync, "sync.H=4")
-    step = 7 if point == "updated" else 6
-    workers = [c.worker(env=fault_env(point, step=step, grid_rank=victim)) for _ in range(6)]
-    c.wait_for(lambda: any(p.poll() is not None for p in workers), what="the victim")
-    replacement = c.worker()
-    assert c.wait_all([p for p in workers if p.poll() is None] + [replacement]) == [0] * 6, c.tail()
-    assert [(e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")] == [(1, victim - 3, "rewind")]
+    workers = [c.worker(env=faults_env(*({"point": point, "action": "kill", "step": step, "grid_rank": victim}
+                                         for victim, point, step in faults))) for _ in range(6)]
+    for dead in range(1, len(faults) + 1):
+        c.wait_for(lambda: sum(p.poll() is not None for p in workers) == dead, what=f"victim {dead}")
+        workers.append(c.worker())  # its replacement (no faults)
+    assert c.wait_all([p for p in workers if p.poll() is None]) == [0] * 6, c.tail()
+    assert [(e["replica"], e["stage"], e["method"]) for e in c.events("rebuilt")] == \
+        [(1, victim - 3, "rewind") for victim, _, _ in faults]
     check_ledger(c.run_dir, 2)
     if "sync.routing=true" in sync:
         assert {e["step"] for e in c.events("resumed") if e.get("gen") == 2} == {4}  # the outer step at 8 never committed
