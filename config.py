@@ -244,6 +244,11 @@ def validate(cfg: Config) -> None:
     if t.device not in ("cpu", "cuda"):
         raise ConfigError(f"train.device='{t.device}': choose cpu or cuda")
     validate_sync(cfg.sync)
+    feeds_adamw = [v for v in ((cfg.sync.compress if cfg.sync.method == "ddp" else "none"), cfg.sync.lane_compress)
+                   if v.startswith("ef21sgdm")]  # an estimate that AdamW steps on directly (not a pseudo-gradient)
+    if feeds_adamw and cfg.optim.beta1 != 0:
+        raise ConfigError(f"{feeds_adamw[0]} already averages gradients with momentum (sync.ef_eta): set optim.beta1=0 "
+                          f"so AdamW does not apply momentum on top of it")
     validate_lanes(cfg)
     validate_wan(cfg)
     if cfg.sync.routing and (p.stages < 2 or p.replicas < 2):

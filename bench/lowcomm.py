@@ -32,7 +32,7 @@ ADAMW_UPDATE = ["sync.method=diloco", "sync.H=1", *FEDAVG]
 METHODS = {
     "ddp": [],
     "ddp+ef21-top1%": ["sync.compress=ef21-topk", "sync.ratio=0.01"],
-    "ddp+ef21sgdm-top1%": ["sync.compress=ef21sgdm-topk", "sync.ratio=0.01"],
+    "ddp+ef21sgdm-top1%": ["sync.compress=ef21sgdm-topk", "sync.ratio=0.01", "optim.beta1=0"],
     "ddp+ef14-top1%": ["sync.compress=ef14-topk", "sync.ratio=0.01"],
     "adamw-update": ADAMW_UPDATE,
     "adamw-update+ef14-top1%": [*ADAMW_UPDATE, "sync.compress=ef14-topk", "sync.ratio=0.01"],

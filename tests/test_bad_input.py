@@ -59,6 +59,9 @@ def test_overrides_and_presets_apply():
     (["parallel.lanes=2", "sync.routing=true"], "parallel.lanes > 1 with sync.routing is not supported"),
     (["recovery.coordinator=h:1", "sync.method=diloco", "sync.H=4", "sync.fragments=2"], "set sync.fragments=1"),
     (["checkpoint.keep=-1"], "keep=0 keeps every checkpoint"),
+    (["sync.compress=ef21sgdm-topk"], "set optim.beta1=0 so AdamW does not apply momentum on top of it"),
+    (["model.attention=flex"], "set model.attention=sdpa, or train.device=cuda"),
+    (["train.precision=fp16"], "train.precision='fp16': choose fp32 or bf16"),
     (["recovery.coordinator=h:1", "recovery.phase_margin_s=0"], "recovery.phase_margin_s must be > 0"),
 ])
 def test_bad_values_are_refused(override, needle):

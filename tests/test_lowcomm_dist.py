@@ -75,7 +75,7 @@ def test_ddp_ef21_sends_far_fewer_bytes_than_ddp(tmp_path, corpus_cache):
     assert summary_of(dense)["bytes_sent"]["cross_replica"] > 8 * summary_of(ef)["bytes_sent"]["cross_replica"]
 
 
-@pytest.mark.parametrize("sync", [["sync.method=diloco", "sync.H=4"], ["sync.compress=ef21sgdm-topk"]])
+@pytest.mark.parametrize("sync", [["sync.method=diloco", "sync.H=4"], ["sync.compress=ef21sgdm-topk", "optim.beta1=0"]])
 def test_resume_restores_sync_state_bitwise(tmp_path, corpus_cache, sync):
     """Kill mid-round (after the step-5 checkpoint): DiLoCo's anchor/momentum and EF21's g_i/g/v come back."""
     killed, whole = run_killed_and_resumed(tmp_path, corpus_cache, 2,

@@ -172,6 +172,19 @@ def test_ef21_single_worker_tracks_its_input(kind, comp):
     assert ef.g is None and torch.equal(ef.aggregate(2 * x), 2 * x)
 
 
+def test_ef21sgdm_is_the_papers_update_on_a_hand_computed_case():
+    """EF21-SGDM (Fatkhullin et al.): v <- (1 - eta) v + eta x ; g_i <- g_i + C(v - g_i) ; g = mean g_i, and the
+    model steps x <- x - lr g (so AdamW runs with beta1 = 0: the momentum is v's). One worker, Top-1 of 4, eta 0.5."""
+    ef = ErrorFeedback("ef21sgdm", "topk", ratio=0.25, eta=0.5, chunk=4, seed=1, comm=None, group=None,
+                       link="cross_replica", n=1)
+    assert ef.aggregate(torch.tensor([1.0, 2.0, -4.0, 0.5])).tolist() == [1.0, 2.0, -4.0, 0.5]  # dense: v = g = x
+    # v = [2, 1, -2, 0.75]; v - g_i = [1, -1, 2, 0.25]: Top-1 sends the 2 at index 2
+    assert ef.aggregate(torch.tensor([3.0, 0.0, 0.0, 1.0])).tolist() == [1.0, 2.0, -2.0, 0.5]
+    # v = [3, 0.5, -1, 0.875]; v - g_i = [2, -1.5, 1, 0.375]: the 2 at index 0
+    assert ef.aggregate(torch.tensor([4.0, 0.0, 0.0, 1.0])).tolist() == [3.0, 2.0, -2.0, 0.5]
+    assert ef.v.tolist() == [3.0, 0.5, -1.0, 0.875]
+
+
 def test_ef14_error_accumulates_what_was_not_sent():
     ef = ErrorFeedback("ef14", "topk", ratio=0.01, eta=0.1, chunk=100, seed=1, comm=None, group=None,
                        link="cross_replica", n=1)
