@@ -282,6 +282,9 @@ def validate_sync(s: SyncConfig) -> None:
                               "sync.compress=none with sync.method=noloco")
         if s.precision != "fp32":
             raise ConfigError("sync.compress and sync.precision both set the wire format: keep one (sync.precision=fp32)")
+        if s.method == "diloco" and s.outer_momentum != 0:  # measured: bench/lowcomm.py, README "Loss against bytes"
+            raise ConfigError("sync.compress with diloco: the error-feedback state is the outer step's memory, outer "
+                              "momentum on top of it trains worse: set sync.outer_momentum=0")
     if not 0 < s.ratio <= 1 or not 0 < s.chunk <= 32768:
         raise ConfigError(f"sync.ratio={s.ratio} must be in (0, 1] and sync.chunk={s.chunk} in (0, 32768]")
     if s.precision not in ("fp32", "bf16", "int8", "int4"):

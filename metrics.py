@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -173,10 +174,13 @@ class RunLog:
                 if k in ("train/loss", "val/loss") and self.tokens_per_step:
                     self.tb.add_scalar(f"by_tokens/{k.replace('/', '_')}", v, step * self.tokens_per_step)
 
-    def comm_scalars(self, step: int, comm) -> None:
-        """This rank's bytes sent and collective calls so far, per link class."""
+    def comm_scalars(self, step: int, comm, replica_loss: float = math.nan) -> None:
+        """This rank's bytes sent and collective calls so far, per link class; on a replica's last stage also the
+        replica's own training loss (replicas drift apart between DiLoCo / NoLoCo syncs: each shows its own)."""
         if self.tb_comm:
             self.fence()
+            if not math.isnan(replica_loss):
+                self.tb_comm.add_scalar("train/replica_loss", replica_loss, step)
             for link, b in comm.totals().items():
                 self.tb_comm.add_scalar(f"comm/bytes_{link}", b, step)
                 self.tb_comm.add_scalar(f"comm/collectives_{link}", comm.calls.get(link, 0), step)

@@ -156,7 +156,7 @@ def train(w: RankState) -> None:
             sent = w.comm.totals()
             w.log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps,
                                  "train/grad_norm": grad_norm})
-            w.log.comm_scalars(done, w.comm)
+            w.log.comm_scalars(done, w.comm, mean_loss if w.lane == 0 else math.nan)
             w.log.say(f"step {done}/{cfg.train.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                       f"grad {grad_norm:.3f} | sent intra {sent['intra_replica'] / 1e6:.1f} MB, "
                       f"cross {sent[CROSS] / 1e6:.1f} MB")

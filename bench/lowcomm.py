@@ -43,8 +43,11 @@ METHODS = {
     "noloco-H50": ["sync.method=noloco", "sync.H=50"],
     # alpha 0, beta = gamma = 1: each pair's slow weights become the pair's mean fast weights (pairwise FedAvg)
     "noloco-H50-pair-average": ["sync.method=noloco", "sync.H=50", "sync.alpha=0", "sync.beta=1", "sync.gamma=1"],
-    "diloco-H50+ef21-top10%": ["sync.method=diloco", "sync.H=50", "sync.compress=ef21-topk", "sync.ratio=0.1"],
-    "diloco-H50+ef14-top10%": ["sync.method=diloco", "sync.H=50", "sync.compress=ef14-topk", "sync.ratio=0.1"],
+    # the error-feedback state carries the outer step's memory: no outer momentum on top (required with compress)
+    "diloco-H50+ef21-top10%": ["sync.method=diloco", "sync.H=50", "sync.compress=ef21-topk", "sync.ratio=0.1",
+                               "sync.outer_momentum=0"],
+    "diloco-H50+ef14-top10%": ["sync.method=diloco", "sync.H=50", "sync.compress=ef14-topk", "sync.ratio=0.1",
+                               "sync.outer_momentum=0"],
 }
 BASE = ["parallel.replicas=4", "parallel.stages=1", "parallel.microbatches=1", "train.batch_size=8",
         "data.seq_len=128", "log.eval_batches=16", "log.log_every=50", "checkpoint.every=0", "log.tensorboard=false"]

@@ -60,6 +60,7 @@ def test_overrides_and_presets_apply():
     (["recovery.coordinator=h:1", "sync.method=diloco", "sync.H=4", "sync.fragments=2"], "set sync.fragments=1"),
     (["checkpoint.keep=-1"], "keep=0 keeps every checkpoint"),
     (["sync.compress=ef21sgdm-topk"], "set optim.beta1=0 so AdamW does not apply momentum on top of it"),
+    (["sync.method=diloco", "sync.compress=ef14-topk"], "set sync.outer_momentum=0"),
     (["model.attention=flex"], "set model.attention=sdpa, or train.device=cuda"),
     (["train.precision=fp16"], "train.precision='fp16': choose fp32 or bf16"),
     (["recovery.coordinator=h:1", "recovery.phase_margin_s=0"], "recovery.phase_margin_s must be > 0"),

@@ -41,7 +41,7 @@ def summary_of(run_dir):
 @pytest.mark.parametrize("extra,collectives", [
     (["sync.H=4"], lambda syncs: syncs),  # one fp32 all-reduce per outer step
     (["sync.H=4", "sync.fragments=2", "sync.precision=int4"], lambda syncs: 2 * syncs),  # values + scales
-    (["sync.H=4", "sync.compress=ef21-topk"], lambda syncs: 1 + 2 * (syncs - 1)),  # dense, then values + offsets
+    (["sync.H=4", "sync.compress=ef21-topk", "sync.outer_momentum=0"], lambda syncs: 1 + 2 * (syncs - 1)),  # dense, then values + offsets
     # every step, each replica's own AdamW update through EF14 (bench/lowcomm.py's adamw-update+ef14-top1%)
     (["sync.H=1", "sync.outer_lr=1", "sync.outer_momentum=0", "sync.compress=ef14-topk"], lambda syncs: 2 * syncs),
 ])

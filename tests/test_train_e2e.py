@@ -34,9 +34,14 @@ def test_2x2_torchrun_learns_well_below_unigram_entropy(tmp_path, corpus_cache):
     for tag in ("train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "val/loss", "val/ppl"):
         assert tag in train, tag
     assert train["train/loss"][-1][1] < train["train/loss"][0][1]
-    for rank in range(4):  # each rank reports its own bytes per link class
+    replica_losses = []
+    for rank in range(4):  # each rank reports its own bytes per link class; a last stage its replica's loss
         comm = scalars(os.path.join(run_dir, "tb", f"rank{rank}"))
         assert comm["comm/bytes_cross_replica"][-1][1] > 0
+        if "train/replica_loss" in comm:
+            replica_losses.append([v for _, v in comm["train/replica_loss"]])
+    assert len(replica_losses) == 2 and all(len(r) == 20 for r in replica_losses)
+    assert replica_losses[0] != replica_losses[1]  # each replica's own batches
     ledgers = sorted(glob.glob(os.path.join(run_dir, "ledger", "*.jsonl")))
     assert [os.path.basename(p) for p in ledgers] == ["replica0.jsonl", "replica1.jsonl"]
     seen = [set(s for line in open(p) for s in json.loads(line)["samples"]) for p in ledgers]
