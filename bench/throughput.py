@@ -31,14 +31,9 @@ SINGLE = ["parallel.replicas=1", "parallel.stages=1", "parallel.microbatches=1",
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}  # dense
 
 
-def flops_per_token(cfg, vocab: int) -> float:
-    """6 N + 6 L T d (see the module docstring); N counts every parameter but the embedding table."""
-    from model.llama import ffn_dim
-    d, L, T = cfg.model.dim, cfg.model.n_layers, cfg.data.seq_len
-    kv = d // cfg.model.n_heads * cfg.model.n_kv_heads
-    per_layer = d * d * 2 + 2 * d * kv + 3 * d * ffn_dim(cfg.model) + 2 * d
-    n = L * per_layer + d + d * vocab
-    return 6 * n + 6 * L * T * d
+def flops_per_token(cfg, n_params: int) -> float:
+    """6 N + 6 L T d (see the module docstring); N: the model's parameters but the embedding table."""
+    return 6 * n_params + 6 * cfg.model.n_layers * cfg.data.seq_len * cfg.model.dim
 
 
 def peak_flops(device: str, given: float | None) -> float | None:
@@ -59,6 +54,7 @@ def plain_loop(overrides: list[str], steps: int) -> dict:
     from data.dataset import load_corpus
     from data.loader import ReplicaLoader
     from model.stages import build_stage, set_fast_path, token_loss_sum
+    from optim.inner import build_optimizer
     from recovery.state import model_config
     from train import peak_memory
 
@@ -67,14 +63,10 @@ def plain_loop(overrides: list[str], steps: int) -> dict:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     corpus = load_corpus(cfg.data)
-    mcfg = model_config(cfg, corpus.vocab_size)
-    model = set_fast_path(build_stage(mcfg, 0, 1, cfg.data.seq_len, cfg.train.seed).to(device),
+    model = set_fast_path(build_stage(model_config(cfg, corpus.vocab_size), 0, 1, cfg.data.seq_len,
+                                      cfg.train.seed).to(device),
                           cfg.train.precision, cfg.train.activation_checkpointing, cfg.train.compile)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=cfg.optim.fused or None)
+    opt = build_optimizer(model, cfg.optim)
     loader = ReplicaLoader(corpus.train, corpus.eos, cfg.train.seed, 0, 1, cfg.train.batch_size)
     times = []
     for _ in range(steps):
@@ -89,7 +81,8 @@ def plain_loop(overrides: list[str], steps: int) -> dict:
         loss.item()  # as train.py: the loss reaches the host every step
         times.append(time.perf_counter() - t0)
     return {"tokens_per_s": cfg.train.batch_size * cfg.data.seq_len / statistics.median(times[2:]),
-            "peak_memory_bytes": peak_memory(device), "vocab": mcfg.vocab_size}
+            "peak_memory_bytes": peak_memory(device),
+            "params_but_embedding": sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed"))}
 
 
 def run_train(overrides: list[str], steps: int, stages: int = 1) -> dict:
@@ -129,7 +122,7 @@ def main() -> None:
     for _ in range(args.rounds):  # alternate so drift on a noisy machine hits both alike
         plain.append(run_plain(overrides, args.steps))
         train.append(run_train(overrides, args.steps))
-    flops, peak = flops_per_token(cfg, plain[0]["vocab"]), peak_flops(cfg.train.device, args.peak_tflops)
+    flops, peak = flops_per_token(cfg, plain[0]["params_but_embedding"]), peak_flops(cfg.train.device, args.peak_tflops)
     rows = {"plain_loop": [r["tokens_per_s"] for r in plain], "train_py": [r["tokens_per_s"] for r in train]}
     memory = {"plain_loop": max(r["peak_memory_bytes"] for r in plain),
               "train_py": max(r["peak_memory_bytes"] for r in train)}

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -40,9 +41,11 @@ def _stream(token_lists: list[np.ndarray], eos: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, array)
+def _save_atomic(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """`write` fills a file that then replaces `path` at once (a reader never sees half of it)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        write(fh)
     os.replace(tmp, path)
 
 
@@ -72,12 +75,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         p = counts[counts > 0] / counts.sum()
         for part, array in (("train", train), ("val", _stream(val_tok, tok.eos)),
                             ("lengths", np.array([len(t) for t in train_tok], dtype=np.int64))):
-            _save_atomic(f"{cache}.{part}.npy", array)
+            _save_atomic(f"{cache}.{part}.npy", lambda fh: np.save(fh, array))
         meta = {"vocab_size": tok.vocab_size, "eos": tok.eos, "documents": [len(train_docs), len(val_docs)],
                 "unigram_entropy": float(-(p * np.log(p)).sum())}
-        with open(f"{cache}.json.tmp{os.getpid()}", "w") as fh:
-            json.dump(meta, fh)
-        os.replace(f"{cache}.json.tmp{os.getpid()}", f"{cache}.json")
+        _save_atomic(f"{cache}.json", lambda fh: fh.write(json.dumps(meta).encode()))
     with open(f"{cache}.json") as fh:
         meta = json.load(fh)
     # memory-mapped: the workers of a machine share one copy in the page cache and start without reading it all
