@@ -58,15 +58,18 @@ class ParallelConfig:
 class SyncConfig:
     """How replicas of a stage stay together (optim/sync.py)."""
     method: str = "ddp"  # ddp: average gradients every step | diloco | noloco
-    compress: str = "none"  # none | <ef21|ef21sgdm|ef14>-<topk|randk|int8>: gradients (ddp) or pseudo-gradients (diloco)
-    ratio: float = 0.01  # K / d for topk and randk
+    compress: str = "none"  # none | <ef21|ef21sgdm|ef14>-<topk|randk|int8>: gradients (ddp) or pseudo-gradients (diloco) | sparseloco (diloco: Top-K + 2-bit values + decaying error feedback)
+    ratio: float = 0.01  # K / d for topk, randk and sparseloco
     ef_eta: float = 0.1  # EF21-SGDM worker momentum
+    ef_decay: float = 0.95  # sparseloco: the error-feedback accumulator's decay (it replaces outer momentum)
+    dense_warmup: int = 0  # with compress: the first steps average densely (fp32) before compression starts
     chunk: int = 32768  # Top-K picks K = ratio * chunk values in every chunk (<= 32768: int16 offsets)
     H: int = 50  # inner steps between outer steps (diloco, noloco)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
     fragments: int = 1  # diloco streaming: > 1 syncs the stage in this many staggered fragments
+    overlap: int = 0  # diloco: the outer exchange runs in the background for this many inner steps, then applies (0 = blocking)
     precision: str = "fp32"  # diloco pseudo-gradient on the wire: fp32 | bf16 | int8 | int4
     alpha: float = 0.5  # noloco momentum
     beta: float = 0.7  # noloco step on the pair-mean of theta - phi
