@@ -101,8 +101,8 @@ def inner_step(w: RankState, step: int) -> tuple[float, float, float, StepWork]:
     loss = lanes_sum(w, loss) / topo.lanes  # each lane's part was scaled by L
     hooks.at("step", step=step, grid_rank=w.grid_rank)  # mid-step, before the update (tests inject faults here)
     if w.lane_sync:
-        w.lane_sync.before_update()  # the lanes of this stage first: then every lane holds the same gradient
-    w.sync.before_update()
+        w.lane_sync.before_update(step + 1)  # the lanes of this stage first: then every lane holds the same gradient
+    w.sync.before_update(step + 1)
     grad_norm, w.grad_norm = clip_global_grad_norm(list(module.parameters()), cfg.optim.grad_clip, w.groups.replica,
                                                    w.comm, topo.stages)
     lr = lr_at(step, cfg.optim, cfg.train.steps) * w.lr_scale

@@ -49,25 +49,38 @@ class Comm:
         self.p2p: dict[str, int] = defaultdict(int)  # point-to-point transfers
 
     def all_reduce(self, tensor: torch.Tensor, group, link: str, op=dist.ReduceOp.SUM) -> None:
+        work = self.start_all_reduce(tensor, group, link, op)
+        if work is not None:
+            self.wait(work, link)
+
+    def start_all_reduce(self, tensor: torch.Tensor, group, link: str, op=dist.ReduceOp.SUM):
+        """Start an in-place all-reduce and return its pending work (None for a group of one): `wait` it later,
+        and leave `tensor` alone until then (an exchange overlapped with compute)."""
         n = dist.get_world_size(group)
         if n == 1:
-            return
+            return None
         work = self._issue(dist.all_reduce, tensor, op=op, group=group, async_op=True)
         self.bytes_sent[link] += 2 * (n - 1) / n * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        self.wait(work, link)
+        return work
 
     def all_gather(self, tensor: torch.Tensor, group, link: str) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape everywhere), in group rank order."""
+        out, work = self.start_all_gather(tensor, group, link)
+        if work is not None:
+            self.wait(work, link)
+        return out
+
+    def start_all_gather(self, tensor: torch.Tensor, group, link: str) -> tuple[list[torch.Tensor], object]:
+        """Start an all-gather: (the list it fills, its pending work, None for a group of one)."""
         n = dist.get_world_size(group)
         if n == 1:
-            return [tensor]
+            return [tensor], None
         out = [torch.empty_like(tensor) for _ in range(n)]
         work = self._issue(dist.all_gather, out, tensor, group=group, async_op=True)
         self.bytes_sent[link] += (n - 1) * tensor.numel() * tensor.element_size()
         self.calls[link] += 1
-        self.wait(work, link)
-        return out
+        return out, work
 
     def all_to_all(self, tensor: torch.Tensor, group, link: str = SP) -> torch.Tensor:
         """Row i of `tensor` (first dimension: the group size) to group rank i; row j of the result from rank j."""

@@ -26,7 +26,8 @@ def chunk_k(d: int, ratio: float, chunk: int) -> int:
     return max(1, round(ratio * min(chunk, d)))
 
 
-def _padded(vec: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunk_rows(vec: torch.Tensor, chunk: int) -> torch.Tensor:
+    """vec as rows of `chunk` values, the last row zero-padded."""
     n_chunks = -(-vec.numel() // chunk)
     out = vec.new_zeros(n_chunks * chunk)
     out[: vec.numel()] = vec
@@ -36,7 +37,7 @@ def _padded(vec: torch.Tensor, chunk: int) -> torch.Tensor:
 def topk_encode(vec: torch.Tensor, ratio: float, chunk: int = 32768) -> Sparse:
     assert chunk <= 32768, "offsets are int16"
     k = chunk_k(vec.numel(), ratio, chunk)
-    rows = _padded(vec, chunk)
+    rows = chunk_rows(vec, chunk)
     idx = rows.abs().topk(k, dim=1, sorted=False).indices
     return Sparse(rows.gather(1, idx), idx.to(torch.int16))
 
@@ -64,7 +65,7 @@ def _even_chunk(d: int, max_chunk: int) -> int:
 
 def int8_encode(vec: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-chunk int8: (values int8, scales fp32). Round to nearest: contractive up to rounding."""
-    rows = _padded(vec, _even_chunk(vec.numel(), chunk))
+    rows = chunk_rows(vec, _even_chunk(vec.numel(), chunk))
     scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
     return (rows / scale).round().clamp(-127, 127).to(torch.int8), scale.view(-1)
 
@@ -75,7 +76,7 @@ def int8_decode(q: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
 
 def int4_encode(vec: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-chunk 4-bit (levels -7..7), two values packed per byte: (uint8 packed, scales fp32)."""
-    rows = _padded(vec, _even_chunk(vec.numel(), chunk))
+    rows = chunk_rows(vec, _even_chunk(vec.numel(), chunk))
     scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 7.0
     q = ((rows / scale).round().clamp(-7, 7) + 8).to(torch.uint8).view(-1)
     return q[0::2] | (q[1::2] << 4), scale.view(-1)

@@ -3,7 +3,7 @@
 Worker i keeps g_i, every rank keeps g = mean_i g_i (fp32, identical everywhere):
   c_i = C(x_i - g_i)   (EF21-SGDM: v_i <- (1 - eta) v_i + eta x_i, c_i = C(v_i - g_i))
   g_i <- g_i + c_i ;  g <- g + mean_i c_i
-The first round is dense (g_i = x_i). EF14: p = x_i + e_i, send C(p), e_i <- p - C(p), use mean C(p).
+The first round is dense (g_i = x_i), and so is every warm-up round (sync.dense_warmup). EF14: p = x_i + e_i, send C(p), e_i <- p - C(p), use mean C(p).
 Reset rule: when the group's membership changes (a replica joins or leaves, or a run resumes with
 another replica count), every rank drops its state and the next round is dense again.
 """
@@ -13,7 +13,7 @@ import torch
 
 from dist.comm import Comm
 from optim import compress
-from optim.reduce import mean_over_group
+from optim.reduce import PendingMean, mean_over_group
 
 KINDS = ("ef21", "ef21sgdm", "ef14")
 COMPRESSORS = ("topk", "randk", "int8")
@@ -58,11 +58,16 @@ class ErrorFeedback:
         q, scale = compress.int8_encode(vec)
         return compress.int8_decode(q, scale, d), mean_over_group(vec, "int8", self.comm, self.group, self.link, self.n)
 
-    def aggregate(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's fresh vector x_i in (gradient or pseudo-gradient); the shared estimate of mean_i x_i out."""
+    def aggregate(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """This rank's fresh vector x_i in (gradient or pseudo-gradient); the shared estimate of mean_i x_i out.
+        dense (a warm-up round): the exact fp32 mean, and the state restarts from it."""
         x = x.float()
+        if dense:
+            self.reset()
         self.rounds += 1
         if self.kind == "ef14":
+            if dense:
+                return mean_over_group(x, "fp32", self.comm, self.group, self.link, self.n)
             p = x if self.e is None else x + self.e
             sent, mean = self._compress_and_mean(p)
             self.e = p - sent
@@ -80,6 +85,10 @@ class ErrorFeedback:
         self.g_i += c_i
         self.g += mean_c
         return self.g.clone()
+
+    def start(self, x: torch.Tensor, dense: bool = False) -> PendingMean:
+        """`aggregate` as an exchange DiLoCo can wait for later (this one blocks: EF21's estimate needs the mean)."""
+        return PendingMean.done(self.aggregate(x, dense))
 
     def state_dict(self) -> dict:
         return {"g_i": self.g_i, "g": self.g, "v": self.v, "e": self.e, "rounds": self.rounds}

@@ -10,6 +10,33 @@ from optim import compress
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
+class PendingMean:
+    """An exchange that may still be in flight: `result()` waits for it and returns the group mean (identical on
+    every rank). Blocking exchanges hand back a finished one."""
+
+    def __init__(self, finish):
+        self._finish = finish
+
+    @classmethod
+    def done(cls, mean: torch.Tensor) -> "PendingMean":
+        return cls(lambda: mean)
+
+    def result(self) -> torch.Tensor:
+        return self._finish()
+
+
+def start_mean_over_group(vec: torch.Tensor, comm: Comm, group, link: str, n: int) -> PendingMean:
+    """The fp32 group mean of `vec`, its all-reduce left running (DiLoCo's overlapped outer exchange)."""
+    out = vec.clone()
+    work = None if n == 1 else comm.start_all_reduce(out, group, link)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            comm.wait(work, link)
+        return out.div_(n)
+    return PendingMean(finish)
+
+
 def mean_over_group(vec: torch.Tensor, precision: str, comm: Comm, group, link: str, n: int) -> torch.Tensor:
     """The group mean of `vec`, identical on every rank.
 

@@ -1,6 +1,7 @@
 """How the replicas of a stage stay together: one object per rank, built from `sync:` in the config.
 
-  before_update(): after backward, before the inner step (DDP: average the gradients, maybe EF21-compressed)
+  before_update(done): after backward of step `done`, before the inner step (DDP: average the gradients, maybe
+    EF21-compressed; densely while done <= sync.dense_warmup)
   after_update(done): after the inner step (DiLoCo / NoLoCo: an outer step every H steps)
 """
 from __future__ import annotations
@@ -17,12 +18,16 @@ from optim.diloco import DiLoCo
 from optim.ef21 import ErrorFeedback
 from optim.noloco import NoLoCo
 from optim.reduce import average_in_place_, copy_flat_
+from optim.sparseloco import SparseLoCo
+
+METHODS = ("ddp", "diloco", "noloco")  # sync.method
+TRANSPORTS = ("torch", "hivemind")  # sync.transport of the outer exchange (hivemind: optim/wan.py)
 
 
 class Sync(Protocol):
     """What the step and recovery need of any sync layer."""
 
-    def before_update(self) -> None: ...
+    def before_update(self, done: int) -> None: ...
 
     def after_update(self, done: int) -> list: ...
 
@@ -47,16 +52,17 @@ class DDPSync:
     in one flat bucket."""
 
     def __init__(self, params: list[torch.nn.Parameter], ef: ErrorFeedback | None, comm: Comm, group, n: int,
-                 link: str = CROSS):
+                 link: str = CROSS, dense_warmup: int = 0):
         self.params, self.ef, self.comm, self.group, self.n, self.link = params, ef, comm, group, n, link
+        self.dense_warmup = dense_warmup
 
     @torch.no_grad()
-    def before_update(self) -> None:
+    def before_update(self, done: int) -> None:
         if self.n == 1:
             return
         grads = [p.grad for p in self.params]
         if self.ef:
-            copy_flat_(grads, self.ef.aggregate(_flatten_dense_tensors(grads)))
+            copy_flat_(grads, self.ef.aggregate(_flatten_dense_tensors(grads), dense=done <= self.dense_warmup))
         else:
             average_in_place_(grads, self.comm, self.group, self.link, self.n)
 
@@ -92,7 +98,7 @@ class OuterSync:
         self.outer, self.params, self.average_at = outer, params, average_at
         self.comm, self.group, self.n = comm, group, n
 
-    def before_update(self) -> None:
+    def before_update(self, done: int) -> None:
         pass
 
     @torch.no_grad()
@@ -125,8 +131,11 @@ class OuterSync:
 
 
 def _error_feedback(cfg: SyncConfig, seed: int, comm: Comm, group, n: int, compress: str | None = None,
-                    link: str = CROSS) -> ErrorFeedback:
-    kind, _, compressor = (compress or cfg.compress).partition("-")
+                    link: str = CROSS) -> ErrorFeedback | SparseLoCo:
+    compress = compress or cfg.compress
+    if compress == "sparseloco":
+        return SparseLoCo(cfg.ratio, cfg.chunk, cfg.ef_decay, comm, group, link, n)
+    kind, _, compressor = compress.partition("-")
     return ErrorFeedback(kind, compressor, cfg.ratio, cfg.ef_eta, cfg.chunk, seed, comm, group, link, n)
 
 
@@ -136,7 +145,7 @@ def build_lane_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, co
     params = list(module.parameters())
     ef = (_error_feedback(cfg, seed * 7919 + stage, comm, groups.lanes, lanes, cfg.lane_compress, LANE)
           if cfg.lane_compress != "none" and lanes > 1 else None)
-    return DDPSync(params, ef, comm, groups.lanes, lanes, LANE)
+    return DDPSync(params, ef, comm, groups.lanes, lanes, LANE, cfg.dense_warmup)
 
 
 def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: Comm, replica: int, replicas: int,
@@ -150,12 +159,13 @@ def build_sync(cfg: SyncConfig, module: torch.nn.Module, groups: Groups, comm: C
     ef = cfg.compress != "none"
     if cfg.method == "ddp":
         return DDPSync(params, _error_feedback(cfg, stage_seed, comm, groups.stage, replicas) if ef else None,
-                       comm, groups.stage, replicas)
+                       comm, groups.stage, replicas, CROSS, cfg.dense_warmup)
     if cfg.method == "diloco":
         efs = ([_error_feedback(cfg, stage_seed + f, comm, groups.stage, replicas) for f in range(cfg.fragments)]
                if ef else None)
         outer = DiLoCo(list(module.named_parameters()), cfg.H, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov,
-                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas, transport, should_commit)
+                       cfg.fragments, cfg.precision, efs, comm, groups.stage, CROSS, replicas, transport, should_commit,
+                       cfg.overlap, cfg.dense_warmup, total_steps)
     else:
         outer = NoLoCo(params, cfg.H, cfg.alpha, cfg.beta, cfg.gamma, replica, members or tuple(range(replicas)), seed,
                        comm, groups.replica_pairs, transport, should_commit)

@@ -44,6 +44,12 @@ def summary_of(run_dir):
     (["sync.H=4", "sync.compress=ef21-topk", "sync.outer_momentum=0"], lambda syncs: 1 + 2 * (syncs - 1)),  # dense, then values + offsets
     # every step, each replica's own AdamW update through EF14 (bench/lowcomm.py's adamw-update+ef14-top1%)
     (["sync.H=1", "sync.outer_lr=1", "sync.outer_momentum=0", "sync.compress=ef14-topk"], lambda syncs: 2 * syncs),
+    # the same after 3 dense warm-up steps (one fp32 all-reduce each): the compressed per-step AdamW
+    (["sync.H=1", "sync.outer_lr=1", "sync.outer_momentum=0", "sync.compress=ef14-topk", "sync.dense_warmup=3"],
+     lambda syncs: 3 + 2 * (syncs - 3)),
+    # SparseLoCo: one all-gather of the 2-bit Top-K byte buffer per outer step
+    (["sync.H=4", "sync.compress=sparseloco", "sync.outer_momentum=0", "sync.ratio=0.05", "sync.chunk=512"],
+     lambda syncs: syncs),
 ])
 def test_diloco_replicas_identical_after_every_outer_step(tmp_path, corpus_cache, extra, collectives):
     run_dir = str(tmp_path / "run")
@@ -149,3 +155,32 @@ def test_resume_with_another_replica_count_continues_from_the_trained_model(tmp_
         taken = [s for r in range(max(before, after)) for x in read_log(os.path.join(run_dir, "ledger", f"replica{r}.jsonl"))
                  for s in x["samples"]]  # the resumed run reads on from where the data stream stopped
         assert len(taken) == len(set(taken)) == 30 * before * 4 + 10 * after * 4
+
+
+def test_sparseloco_bytes_are_its_wire_format(tmp_path, corpus_cache):
+    """Cross-replica bytes = outer steps x (n - 1) x the byte buffer of each stage's parameters (rank 1: stage 1)."""
+    from config import load_config
+    from model.stages import build_stage
+    from optim.sparseloco import wire_bytes
+    from recovery.state import model_config
+    run_dir = str(tmp_path / "run")
+    run(train_cmd(4, *LOWCOMM, "sync.method=diloco", "sync.H=4", "sync.compress=sparseloco", "sync.outer_momentum=0",
+                  "sync.ratio=0.02", "sync.chunk=1024", f"data.cache_dir={corpus_cache}", f"log.run_dir={run_dir}"))
+    cfg = load_config(LOWCOMM)
+    stage1 = build_stage(model_config(cfg, 257), 1, 2, cfg.data.seq_len, 0)  # the byte tokenizer's 257 symbols
+    d = sum(p.numel() for p in stage1.parameters())
+    assert summary_of(run_dir)["bytes_sent"]["cross_replica"] == 3 * 1 * wire_bytes(d, 0.02, 1024)
+
+
+def test_overlapped_diloco_lands_every_exchange_and_ends_with_one_model(tmp_path, corpus_cache):
+    """sync.overlap=2: the exchanges started at steps 4 and 8 land at 6 and 10 (the replicas then differ by
+    their local steps since), the one started at the last step lands at once: the replicas end identical."""
+    run_dir = str(tmp_path / "run")
+    run(train_cmd(4, *LOWCOMM, "sync.method=diloco", "sync.H=4", "sync.overlap=2", f"data.cache_dir={corpus_cache}",
+                  f"log.run_dir={run_dir}"))
+    for stage in (0, 1):
+        a = read_log(os.path.join(run_dir, "sync", f"rank{stage}.jsonl"))
+        b = read_log(os.path.join(run_dir, "sync", f"rank{2 + stage}.jsonl"))
+        assert [r["step"] for r in a] == [r["step"] for r in b] == [6, 10, 12]
+        assert a[0]["digest"] != b[0]["digest"] and a[-1]["digest"] == b[-1]["digest"]
+    assert summary_of(run_dir)["collectives"]["cross_replica"] == 3

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from optim import compress
+from optim import compress, sparseloco
 from optim.diloco import DiLoCo, fragment_of, nesterov_step
 from optim.ef21 import ErrorFeedback
+from optim.sparseloco import SparseLoCo
 from optim.noloco import check_bounds, noloco_step, pair_means, partners
 
 
@@ -212,3 +213,67 @@ def test_ef14_on_increments_is_ef21_on_their_running_sum():
         assert torch.allclose(after - before, sent, atol=1e-5)
         before = after
     assert torch.allclose(total - before, ef14.e, atol=1e-4)  # what is still owed is the same vector
+
+
+def test_sparseloco_two_bit_topk_by_hand():
+    """One chunk of 8, K = 4: the 4 largest magnitudes, the larger two decode to their mean (5), the smaller two to
+    theirs (2.5), signs kept; the wire holds exactly 4 offsets (int16), 4 codes (one byte) and 2 fp32 levels."""
+    v = torch.tensor([0.1, -6.0, 2.0, 0.0, 4.0, -3.0, 0.2, -0.3])
+    s = sparseloco.encode(v, ratio=0.5, chunk=8)
+    assert sparseloco.decode(s, 8, 8).tolist() == [0.0, -5.0, 2.5, 0.0, 5.0, -2.5, 0.0, 0.0]
+    wire = s.to_wire()
+    assert wire.dtype == torch.uint8 and wire.numel() == 4 * 2 + 1 + 2 * 4 == sparseloco.wire_bytes(8, 0.5, 8)
+    back = sparseloco.TwoBitTopK.from_wire(wire, 1, 4)
+    assert torch.equal(sparseloco.decode(back, 8, 8), sparseloco.decode(s, 8, 8))
+
+
+@pytest.mark.parametrize("d,ratio,chunk", [(10000, 0.02, 4096), (4096, 0.0156, 4096), (777, 0.05, 100)])
+def test_sparseloco_wire_bytes_are_the_buffer_it_sends(d, ratio, chunk):
+    s = sparseloco.encode(torch.randn(d), ratio, chunk)
+    n_chunks, k = -(-d // chunk), compress.chunk_k(d, ratio, chunk)
+    assert s.to_wire().numel() == sparseloco.wire_bytes(d, ratio, chunk) == 2 * n_chunks * k + -(-n_chunks * k // 4) + 8 * n_chunks
+
+
+def test_sparseloco_error_feedback_decays_and_keeps_what_was_not_sent():
+    """e <- beta e + Delta ; c = Q2(TopK(e)) ; e <- e - c: one replica gets c back as the mean."""
+    sl = SparseLoCo(ratio=0.25, chunk=8, decay=0.5, comm=None, group=None, link="cross_replica", n=1)
+    d1 = torch.tensor([0.1, -6.0, 2.0, 0.0, 4.0, -3.0, 0.2, -0.3])
+    c1 = sl.aggregate(d1)  # K = 2: -6 and 4 -> levels 6 and 4
+    assert c1.tolist() == [0.0, -6.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0]
+    assert torch.equal(sl.e, d1 - c1)
+    d2 = torch.ones(8)
+    e = 0.5 * (d1 - c1) + d2  # [1.05, 1, 2, 1, 1, -0.5, 1.1, 0.85]: K = 2 sends 2 and 1.1
+    c2 = sl.aggregate(d2)
+    assert torch.allclose(c2, torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 1.1, 0.0]))
+    assert torch.allclose(sl.e, e - c2)
+    assert torch.equal(sl.aggregate(d2, dense=True), d2) and torch.allclose(sl.e, e - c2)  # warm-up: plain mean
+
+
+def test_ef_dense_warmup_rounds_are_exact_means_then_compression_starts():
+    for kind in ("ef21", "ef14"):
+        ef = ErrorFeedback(kind, "topk", ratio=0.01, eta=0.1, chunk=100, seed=1, comm=None, group=None,
+                           link="cross_replica", n=1)
+        x = torch.randn(300)
+        for _ in range(3):
+            assert torch.equal(ef.aggregate(x, dense=True), x)
+        y = x + torch.randn(300)
+        out = ef.aggregate(y)
+        assert (out != (x if kind == "ef21" else 0)).sum() == 3  # then Top-1% of each 100-value chunk moves
+
+
+def test_diloco_overlap_applies_the_outer_step_late_and_keeps_the_local_steps():
+    """Exchange started after step 2 (pseudo-gradient anchor - theta(2)), applied after step 3: theta = anchor' +
+    (theta(3) - theta(2)); at the last step every exchange in flight lands."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    diloco = DiLoCo([("layers.0.w", p)], H=2, lr=0.5, mu=0.0, nesterov=False, fragments=1, precision="fp32",
+                    ef=None, comm=None, group=None, link="cross_replica", n=1, overlap=1, total_steps=4)
+    p.data = torch.tensor([0.8, 1.2])
+    assert diloco.after_update(2) == []  # started, in flight
+    assert p.tolist() == pytest.approx([0.8, 1.2])
+    p.data += torch.tensor([0.1, 0.1])  # step 3's local update
+    assert diloco.after_update(3) == [0]
+    anchor = torch.tensor([1.0, 1.0]) - 0.5 * torch.tensor([0.2, -0.2])
+    assert torch.allclose(diloco.anchor[0], anchor) and torch.allclose(p.detach(), anchor + 0.1)
+    p.data -= torch.tensor([0.3, 0.0])  # step 4: started and landed at once (the last step)
+    assert diloco.after_update(4) == [0]
+    assert torch.allclose(p.detach(), diloco.anchor[0])
