@@ -9,7 +9,16 @@ groups > 1) with parallel.sp=adaptive and every static degree, on the same batch
 tokens of that mix: the default corpus, or long-tail documents written to a temporary folder); mean
 measured seconds per step after warm-up, and the predicted seconds of the same plans.
 The cost model comes from `bench/profile_sp.py` (run it first on the machine of interest).
+
+--cluster <preset> (dist/sp_cost.py, e.g. flexsp-a100-64: FlexSP's published A100 figures) studies the planner
+at cluster scale instead, predictions only: batches of 512 sequences from the Wikipedia document length sample
+(bench/data) and a long tail (Pareto 1.1 x 256 tokens), at 16 / 32 / 64 GPUs (one lane each) and a maximum
+length of 64K / 192K / 384K tokens (longer documents cut there). Per setting one JSON line: mean predicted step
+seconds of the adaptive plan, of one static degree sized for the maximum length (FlexSP's DeepSpeed-Ulysses
+baseline) and of the best static degree chosen per batch (FlexSP's BatchAda), their ratios (sums over the
+batches), and the lane-seconds bound; then one line of planner milliseconds for 512 sequences on 64 lanes.
 Usage: python bench/adaptive_sp.py [--cost .cache/flotilla/sp_cost.json] [--seed 0] [--steps 6] [--no-measure]
+       python bench/adaptive_sp.py --cluster flexsp-a100-64 [--batches 20] [--seed 0]
 """
 from __future__ import annotations
 
@@ -27,8 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.corpus import list_files, read_documents  # noqa: E402
-from dist.sp_cost import SPCost  # noqa: E402
-from dist.sp_planner import plan, static_plan  # noqa: E402
+from dist.sp_cost import SPCost, preset  # noqa: E402
+from dist.sp_planner import PassTable, plan, static_plan  # noqa: E402
 from launch.cluster import torchrun_cmd  # noqa: E402
 from metrics import read_log  # noqa: E402
 
@@ -81,6 +90,62 @@ def measure(mix: str, cost_path: str, steps: int, seq_len: int, seed: int) -> di
             "best_static_over_adaptive": round(best / out["adaptive"]["measured_s"], 3)}
 
 
+def wikipedia_lengths() -> np.ndarray:
+    return np.loadtxt(os.path.join(ROOT, "bench", "data", "wikipedia_doc_lengths_50k.txt.gz"), dtype=np.int64)
+
+
+def cluster_study(name: str, batches: int, seed: int) -> None:
+    """The --cluster lines (module docstring)."""
+    cost = preset(name)
+    pool = wikipedia_lengths()
+    for mix in ("wikipedia", "longtail"):
+        for gpus in (16, 32, 64):
+            for max_len in (64 * 1024, 192 * 1024, 384 * 1024):
+                line = {"bench": "adaptive_sp", "cluster": name, "mix": mix, "gpus": gpus, "max_len": max_len,
+                        "batches": batches, "sequences": 512, "tokens_per_lane": cost.tokens_per_lane}
+                need = cost.min_degree(max_len)
+                if need > gpus:
+                    print(json.dumps({**line, "fits": False, "why": f"a {max_len}-token sequence needs {need} GPUs "
+                                      f"of {cost.tokens_per_lane} tokens"}), flush=True)
+                    continue
+                rng = np.random.default_rng(seed)
+                degrees = [1 << i for i in range(gpus.bit_length()) if 1 << i <= gpus]
+                sums = {"adaptive": 0.0, "static_max": 0.0, "best_static": 0.0, "bound": 0.0}
+                chosen, passes, tokens = {}, 0, 0
+                for _ in range(batches):
+                    lengths = draw("corpus" if mix == "wikipedia" else mix, 512, max_len, rng, pool)
+                    adaptive = plan(lengths, gpus, cost)
+                    statics = {d: static_plan(lengths, gpus, d, cost).predicted for d in degrees
+                               if d >= cost.min_degree(max(lengths))}
+                    best = min(statics, key=statics.get)
+                    chosen[best] = chosen.get(best, 0) + 1
+                    area = PassTable.build(list(range(len(lengths))), lengths, degrees, cost).area().sum() / gpus
+                    sums["adaptive"] += adaptive.predicted
+                    sums["static_max"] += statics[need]
+                    sums["best_static"] += statics[best]
+                    sums["bound"] += area + len(adaptive.microbatches) * cost.per_pass
+                    passes += len(adaptive.microbatches)
+                    tokens += sum(lengths)
+                print(json.dumps({**line, "fits": True, "tokens_mean": round(tokens / batches),
+                                  **{f"{k}_s": round(v / batches, 3) for k, v in sums.items()},
+                                  "static_max_degree": need, "best_static_degrees": dict(sorted(chosen.items())),
+                                  "passes_mean": round(passes / batches, 2),
+                                  "over_static_max": round(sums["static_max"] / sums["adaptive"], 3),
+                                  "over_best_static": round(sums["best_static"] / sums["adaptive"], 3),
+                                  "bound_over_adaptive": round(sums["bound"] / sums["adaptive"], 3)}), flush=True)
+    rng = np.random.default_rng(seed)
+    plan([int(x) for x in rng.choice(pool, 512)], 64, cost)  # the tilings of 64 lanes are cached once per process
+    ms = []
+    for _ in range(batches):
+        lengths = [int(x) for x in rng.choice(pool, 512)]
+        t0 = time.perf_counter()
+        plan(lengths, 64, cost)
+        ms.append(1000 * (time.perf_counter() - t0))
+    print(json.dumps({"bench": "adaptive_sp_planner", "cluster": name, "mix": "wikipedia", "lanes": 64,
+                      "sequences": 512, "plans": batches, "ms_mean": round(float(np.mean(ms)), 1),
+                      "ms_max": round(float(np.max(ms)), 1), "target_ms": 50}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cost", default=os.path.join(ROOT, ".cache", "flotilla", "sp_cost.json"))
@@ -88,7 +153,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--no-measure", action="store_true", help="predictions only (no training processes)")
+    ap.add_argument("--cluster", default="", help="a cost preset (dist/sp_cost.py): study the planner at that scale")
+    ap.add_argument("--batches", type=int, default=20, help="--cluster: batches per setting")
     args = ap.parse_args()
+    if args.cluster:
+        cluster_study(args.cluster, args.batches, args.seed)
+        return
     if not os.path.exists(args.cost):
         sys.exit(f"adaptive_sp: no cost model at {args.cost}: run python bench/profile_sp.py first")
     cost = SPCost.load(args.cost).analytic()  # predictions for any L: the analytic model (groups measured only to L)

@@ -3,12 +3,13 @@ import itertools
 import random
 import subprocess
 import sys
+from functools import lru_cache
 
 import numpy as np
 import pytest
 
-from dist.sp_cost import SPCost, fit, fit_measured
-from dist.sp_planner import PlanError, plan, static_plan, tilings
+from dist.sp_cost import SPCost, fit, fit_measured, lane_tokens, preset
+from dist.sp_planner import PassTable, PlanError, _buckets, _runs, plan, static_plan, tilings
 
 COST = SPCost(quad=2e-9, lin=1e-6, bytes_per_token=2e4, bandwidth=2e9, tokens_per_lane=1024)
 
@@ -41,9 +42,44 @@ def check_valid(p, lengths, lanes, cost):
             assert g.start % g.size == 0  # aligned lane ranges
             assert sum(lengths[k] for k in g.seqs) <= g.size * cost.tokens_per_lane  # memory
             assert all(cost.min_degree(lengths[k]) <= g.size for k in g.seqs)
-    total = sum(max(cost.time(lengths[k], g.size) * 0 + sum(cost.time(lengths[j], g.size) for j in g.seqs)
-                    for g in groups for k in g.seqs[:1]) for groups in p.microbatches)
+    total = sum(max(sum(cost.time(lengths[k], g.size) for k in g.seqs) for g in groups) + cost.per_pass
+                for groups in p.microbatches)
     assert total == pytest.approx(p.predicted)
+
+
+def pass_optimum(lengths, lanes, cost):
+    """The best single-pass makespan of these sequences (inf if they do not fit), every tiling and assignment."""
+    s = np.array(lengths, dtype=float)
+    best = np.inf
+    for sizes in tilings(lanes):
+        assign = np.array(list(itertools.product(range(len(sizes)), repeat=len(s))))[:, :, None]  # (A, n, 1)
+        d = np.array(sizes)[None, None, :]
+        onehot = assign == np.arange(len(sizes))[None, None, :]  # (A, n, groups)
+        legal = np.array([cost.min_degree(x) for x in s])[None, :, None] <= d
+        times = np.stack([cost.time(s, x) for x in sizes], axis=1)[None]  # (1, n, groups)
+        fits = ((onehot * s[None, :, None]).sum(1) <= d[0] * cost.tokens_per_lane).all(1)
+        ok = (legal | ~onehot).all(axis=(1, 2)) & fits
+        if ok.any():
+            best = min(best, float((onehot * times).sum(1).max(1)[ok].min()))
+    return best
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield part[:i] + [[first, *part[i]]] + part[i + 1:]
+
+
+def multi_pass_optimum(lengths, lanes, cost):
+    """The optimal step: every split into passes, each pass at its optimum, plus per_pass per pass."""
+    single = lru_cache(maxsize=None)(lambda ks: pass_optimum([lengths[k] for k in ks], lanes, cost))
+    return min(sum(single(tuple(b)) for b in part) + cost.per_pass * len(part)
+               for part in set_partitions(list(range(len(lengths)))))
 
 
 def test_tilings_are_the_power_of_two_partitions():
@@ -125,3 +161,89 @@ def test_measured_group_times_replace_the_analytic_model():
     assert cost.time(1000, 2) == pytest.approx(5e-8 * 1e6 + 1e-4 * 1000 + 0.01, rel=1e-6)
     assert cost.time(1000, 4) == pytest.approx(cost.analytic().time(1000, 4))  # not measured: analytic
     assert cost.analytic().time(1000, 2) != pytest.approx(cost.time(1000, 2))
+
+
+def random_instance(rng):
+    """A small instance: 2 or 4 lanes, 2 lanes per node with a slow cross-node link, 2-5 sequences, a per-pass cost."""
+    lanes = rng.choice([2, 4])
+    cost = SPCost(quad=2e-9, lin=1e-6, bytes_per_token=2e4, bandwidth=2e9, tokens_per_lane=2048,
+                  per_pass=rng.choice([0.0, 1e-3, 5e-3]), lanes_per_node=2, node_bandwidth=2e8)
+    lengths = [min(rng.choice([64, 300, 1000, 2500, 5000, 8000]), lanes * 2048) for _ in range(rng.randint(2, 5))]
+    return lengths, lanes, cost
+
+
+def test_plans_are_valid_and_within_5_percent_of_the_optimum_on_average_over_200_random_instances():
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(200):
+        lengths, lanes, cost = random_instance(rng)
+        got = plan(lengths, lanes, cost)
+        check_valid(got, lengths, lanes, cost)
+        want = multi_pass_optimum(lengths, lanes, cost)
+        assert got.predicted >= want - 1e-12
+        ratios.append(got.predicted / want)
+    assert np.mean(ratios) <= 1.05, (np.mean(ratios), max(ratios))
+
+
+def test_pairing_long_with_short_needs_fewer_passes_than_consecutive_chunks():
+    """Capacity 2 x 1000 tokens: longest-first consecutive halves put 1200 + 1100 together (over capacity, so a third
+    pass), pairing 1200 + 700 and 1100 + 800 fits two; with a per-pass cost two passes are the cheaper plan."""
+    cost = SPCost(quad=1e-9, lin=1e-6, bytes_per_token=1e4, bandwidth=1e9, tokens_per_lane=1000, per_pass=0.01)
+    lengths = [1200, 1100, 800, 700]
+    order = [0, 1, 2, 3]
+    assert [sum(lengths[k] for k in run) for run in _runs(order, np.array(lengths, float), 2)] == [2300, 1500]
+    got = plan(lengths, 2, cost)
+    check_valid(got, lengths, 2, cost)
+    assert len(got.microbatches) == 2
+    assert sorted(sorted(lengths[k] for g in mb for k in g.seqs) for mb in got.microbatches) == [[700, 1200],
+                                                                                               [800, 1100]]
+    three = plan(lengths, 2, cost, passes=3)
+    assert got.predicted < three.predicted
+    assert got.predicted == pytest.approx(multi_pass_optimum(lengths, 2, cost))
+
+
+def test_the_per_pass_milp_under_limits_returns_valid_plans_no_worse_than_greedy():
+    rng = np.random.default_rng(1)
+    cost = SPCost(quad=2e-9, lin=1e-6, bytes_per_token=2e4, bandwidth=2e9, tokens_per_lane=1024, per_pass=1e-3,
+                  lanes_per_node=4, node_bandwidth=4e8)
+    lengths = [int(x) for x in np.clip(rng.pareto(1.2, 60) * 300, 16, 8 * 1024)]
+    greedy = plan(lengths, 8, cost)
+    for kw in ({"node_limit": 200}, {"node_limit": 200, "buckets": 0}, {"time_limit_s": 2.0}):
+        got = plan(lengths, 8, cost, **kw)
+        check_valid(got, lengths, 8, cost)
+        assert got.predicted <= greedy.predicted + 1e-12 and got.solver in ("greedy", "milp")
+    assert repr(plan(lengths, 8, cost, node_limit=200)) == repr(plan(lengths, 8, cost, node_limit=200))
+
+
+def test_buckets_cover_the_pass_in_order_and_cut_where_lengths_jump():
+    lengths = [9000, 8990, 3000, 2990, 2980, 100, 90, 80]
+    table = PassTable.build(list(range(8)), lengths, [1, 2, 4, 8, 16], COST)
+    assert _buckets(table, 3) == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert _buckets(table, 16) == [[k] for k in range(8)]
+
+
+def test_cross_node_groups_share_the_nodes_links():
+    cost = SPCost(quad=0.0, lin=0.0, bytes_per_token=1.0, bandwidth=100.0, tokens_per_lane=10, lanes_per_node=8,
+                  node_bandwidth=40.0, bandwidths={"64": 5.0})
+    assert cost.link(8) == 100.0 and cost.link(2) == 100.0
+    assert cost.link(16) == pytest.approx(40.0 * 15 / (8 * 8))  # 8 lanes each send half their data off the node
+    assert cost.link(64) == 5.0  # measured
+    assert cost.time(1600, 16) == pytest.approx(1600 / 16 * 15 / 16 / cost.link(16))
+    with pytest.raises(ValueError, match="node_bandwidth is not set"):
+        SPCost(quad=0, lin=0, bytes_per_token=1, bandwidth=1, tokens_per_lane=1, lanes_per_node=2).time(10, 4)
+
+
+def test_lane_tokens_from_model_states_and_activations():
+    assert lane_tokens(10e9, 1e6, params=1e8, state_shards=4) == (10e9 - 16 * 1e8 / 4) // 1e6
+    with pytest.raises(ValueError, match="shard the states over more lanes"):
+        lane_tokens(1e9, 1e6, params=1e8)
+
+
+def test_flexsp_preset_holds_the_published_figures():
+    cost = preset("flexsp-a100-64")
+    assert cost.tokens_per_lane == 6696  # 30 GB / 4.48 MB per token
+    assert cost.min_degree(192 * 1024) == 32 and cost.min_degree(384 * 1024) == 64  # FlexSP's static baselines
+    assert [round(cost.link(d) / 1e9, 1) for d in (2, 4, 8, 16, 32, 64)] == [119.5, 104.1, 96.5, 10.3, 5.9, 4.9]
+    assert cost.time(1000, 1) == pytest.approx(5.128e-9 * 1e6 + 0.184)
+    with pytest.raises(ValueError, match="unknown SP cost preset 'x': use one of flexsp-a100-64"):
+        preset("x")
