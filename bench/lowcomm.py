@@ -47,9 +47,12 @@ QUICK = {
     "diloco-H50": ["sync.method=diloco", "sync.H=50"],
     "diloco-H50-fedavg": ["sync.method=diloco", "sync.H=50", *FEDAVG],
     "streaming-diloco-H50-P4-int4": ["sync.method=diloco", "sync.H=50", "sync.fragments=4", "sync.precision=int4"],
-    "noloco-H50": ["sync.method=noloco", "sync.H=50"],
+    # NoLoCo's replicas differ: the model a user exports is their average, one all-reduce after the last step
+    # (counted apart from training's collectives)
+    "noloco-H50": ["sync.method=noloco", "sync.H=50", "sync.final_average=true"],
     # alpha 0, beta = gamma = 1: each pair's slow weights become the pair's mean fast weights (pairwise FedAvg)
-    "noloco-H50-pair-average": ["sync.method=noloco", "sync.H=50", "sync.alpha=0", "sync.beta=1", "sync.gamma=1"],
+    "noloco-H50-pair-average": ["sync.method=noloco", "sync.H=50", "sync.alpha=0", "sync.beta=1", "sync.gamma=1",
+                                "sync.final_average=true"],
     # the error-feedback state carries the outer step's memory: no outer momentum on top (required with compress)
     "diloco-H50+ef21-top10%": ["sync.method=diloco", "sync.H=50", "sync.compress=ef21-topk", "sync.ratio=0.1",
                                "sync.outer_momentum=0"],

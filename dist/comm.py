@@ -47,6 +47,7 @@ class Comm:
         self.bytes_sent: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)  # collectives
         self.p2p: dict[str, int] = defaultdict(int)  # point-to-point transfers
+        self.blocked_s: dict[str, float] = defaultdict(float)  # seconds spent waiting for transfers, per link class
 
     def all_reduce(self, tensor: torch.Tensor, group, link: str, op=dist.ReduceOp.SUM) -> None:
         work = self.start_all_reduce(tensor, group, link, op)
@@ -182,7 +183,14 @@ class Comm:
     def wait(self, work, link: str = INTRA) -> None:
         """Wait for a transfer; with recovery on, poll it so that a dead peer or an ended generation
         raises GenerationLost instead of blocking until the group timeout (while `ending`, only a transfer
-        between the stages or lanes of this replica may go on)."""
+        between the stages or lanes of this replica may go on). The time spent here is counted in blocked_s."""
+        start = time.perf_counter()
+        try:
+            self._wait(work, link)
+        finally:
+            self.blocked_s[link] += time.perf_counter() - start
+
+    def _wait(self, work, link: str) -> None:
         if self.abort is None:
             work.wait()
             return
@@ -198,6 +206,12 @@ class Comm:
             work.wait()
         except RuntimeError as err:
             raise GenerationLost(str(err).splitlines()[0], True, link in IN_REPLICA) from None
+
+    def blocked(self) -> tuple[float, float]:
+        """Seconds blocked so far (waiting on this replica's peers: pipeline, SP, control; syncing: between replicas
+        and between the lanes of a stage)."""
+        syncing = self.blocked_s[CROSS] + self.blocked_s[LANE]
+        return sum(self.blocked_s.values()) - syncing, syncing
 
     def totals(self) -> dict[str, float]:
         out = {INTRA: self.bytes_sent[INTRA], CROSS: self.bytes_sent[CROSS]}

@@ -80,10 +80,11 @@ class DiLoCo:
             e.reset()
 
     def due(self, done: int) -> list[int]:
-        """Fragments whose sync falls after `done` completed inner steps: fragment f at f H / P + k H."""
+        """Fragments whose sync falls after `done` completed inner steps: fragment f at f H / P + k H, and every
+        fragment at the last step (the run ends with one synced model to export)."""
         offsets = [f * self.H // self.P for f in range(self.P)]
         return [f for f in range(self.P) if self.members[f] and done > 0 and done >= offsets[f]
-                and (done - offsets[f]) % self.H == 0]
+                and ((done - offsets[f]) % self.H == 0 or done == self.total_steps)]
 
     def _start(self, f: int, done: int, k: int) -> Exchange:
         """Send fragment f's pseudo-gradient Delta_i = anchor - theta_i (the mean may still be in flight)."""
