@@ -100,11 +100,11 @@ class SparseLoCo:
         d = delta.numel()
         self.e = delta.float().clone() if self.e is None else self.e.mul_(self.decay).add_(delta.float())
         payload = encode(self.e, self.ratio, self.chunk)
-        self.e.sub_(decode(payload, d, self.chunk))
-        wire = payload.to_wire()
+        sent = decode(payload, d, self.chunk)
+        self.e.sub_(sent)
         if self.n == 1:
-            return PendingMean.done(decode(payload, d, self.chunk))
-        parts, work = self.comm.start_all_gather(wire, self.group, self.link)
+            return PendingMean.done(sent)
+        parts, work = self.comm.start_all_gather(payload.to_wire(), self.group, self.link)
         n_chunks, k = payload.offsets.shape
 
         def finish() -> torch.Tensor:
