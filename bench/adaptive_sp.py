@@ -18,7 +18,8 @@ seconds of the adaptive plan, of one static degree sized for the maximum length 
 baseline) and of the best static degree chosen per batch (FlexSP's BatchAda), their ratios (sums over the
 batches), and the lane-seconds bound; then one line of planner milliseconds for 512 sequences on 64 lanes.
 Usage: python bench/adaptive_sp.py [--cost .cache/flotilla/sp_cost.json] [--seed 0] [--steps 6] [--no-measure]
-       python bench/adaptive_sp.py --cluster flexsp-a100-64 [--batches 20] [--seed 0]
+       python bench/adaptive_sp.py --cluster flexsp-a100-64 [--batches 20] [--seed 0] [--gpus 16 32 64]
+           [--max-len 65536 196608 393216] [--node-limit N: add the per-pass MILP, at most N nodes per pass]
 """
 from __future__ import annotations
 
@@ -94,15 +95,17 @@ def wikipedia_lengths() -> np.ndarray:
     return np.loadtxt(os.path.join(ROOT, "bench", "data", "wikipedia_doc_lengths_50k.txt.gz"), dtype=np.int64)
 
 
-def cluster_study(name: str, batches: int, seed: int) -> None:
+def cluster_study(name: str, batches: int, seed: int, gpu_counts: list[int], max_lens: list[int],
+                  node_limit: int) -> None:
     """The --cluster lines (module docstring)."""
     cost = preset(name)
     pool = wikipedia_lengths()
     for mix in ("wikipedia", "longtail"):
-        for gpus in (16, 32, 64):
-            for max_len in (64 * 1024, 192 * 1024, 384 * 1024):
+        for gpus in gpu_counts:
+            for max_len in max_lens:
                 line = {"bench": "adaptive_sp", "cluster": name, "mix": mix, "gpus": gpus, "max_len": max_len,
-                        "batches": batches, "sequences": 512, "tokens_per_lane": cost.tokens_per_lane}
+                        "batches": batches, "sequences": 512, "tokens_per_lane": cost.tokens_per_lane,
+                        "node_limit": node_limit}
                 need = cost.min_degree(max_len)
                 if need > gpus:
                     print(json.dumps({**line, "fits": False, "why": f"a {max_len}-token sequence needs {need} GPUs "
@@ -114,7 +117,7 @@ def cluster_study(name: str, batches: int, seed: int) -> None:
                 chosen, passes, tokens = {}, 0, 0
                 for _ in range(batches):
                     lengths = draw("corpus" if mix == "wikipedia" else mix, 512, max_len, rng, pool)
-                    adaptive = plan(lengths, gpus, cost)
+                    adaptive = plan(lengths, gpus, cost, node_limit=node_limit)
                     statics = {d: static_plan(lengths, gpus, d, cost).predicted for d in degrees
                                if d >= cost.min_degree(max(lengths))}
                     best = min(statics, key=statics.get)
@@ -135,15 +138,18 @@ def cluster_study(name: str, batches: int, seed: int) -> None:
                                   "bound_over_adaptive": round(sums["bound"] / sums["adaptive"], 3)}), flush=True)
     rng = np.random.default_rng(seed)
     plan([int(x) for x in rng.choice(pool, 512)], 64, cost)  # the tilings of 64 lanes are cached once per process
-    ms = []
+    ms, cpu_ms = [], []
     for _ in range(batches):
         lengths = [int(x) for x in rng.choice(pool, 512)]
-        t0 = time.perf_counter()
-        plan(lengths, 64, cost)
+        t0, c0 = time.perf_counter(), time.process_time()
+        plan(lengths, 64, cost, node_limit=node_limit)
         ms.append(1000 * (time.perf_counter() - t0))
+        cpu_ms.append(1000 * (time.process_time() - c0))
     print(json.dumps({"bench": "adaptive_sp_planner", "cluster": name, "mix": "wikipedia", "lanes": 64,
-                      "sequences": 512, "plans": batches, "ms_mean": round(float(np.mean(ms)), 1),
-                      "ms_max": round(float(np.max(ms)), 1), "target_ms": 50}), flush=True)
+                      "sequences": 512, "plans": batches, "node_limit": node_limit,
+                      "ms_mean": round(float(np.mean(ms)), 1), "ms_max": round(float(np.max(ms)), 1),
+                      "cpu_ms_mean": round(float(np.mean(cpu_ms)), 1), "cpu_ms_max": round(float(np.max(cpu_ms)), 1),
+                      "target_ms": 50}), flush=True)
 
 
 def main() -> None:
@@ -155,9 +161,13 @@ def main() -> None:
     ap.add_argument("--no-measure", action="store_true", help="predictions only (no training processes)")
     ap.add_argument("--cluster", default="", help="a cost preset (dist/sp_cost.py): study the planner at that scale")
     ap.add_argument("--batches", type=int, default=20, help="--cluster: batches per setting")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64], help="--cluster: GPU counts")
+    ap.add_argument("--max-len", type=int, nargs="+", default=[64 * 1024, 192 * 1024, 384 * 1024],
+                    help="--cluster: maximum sequence lengths (tokens)")
+    ap.add_argument("--node-limit", type=int, default=0, help="--cluster: per-pass MILP nodes (0: greedy only)")
     args = ap.parse_args()
     if args.cluster:
-        cluster_study(args.cluster, args.batches, args.seed)
+        cluster_study(args.cluster, args.batches, args.seed, args.gpus, args.max_len, args.node_limit)
         return
     if not os.path.exists(args.cost):
         sys.exit(f"adaptive_sp: no cost model at {args.cost}: run python bench/profile_sp.py first")
