@@ -7,6 +7,8 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 
+SOURCES = ("stdlib", "path")  # data.source
+
 
 class DataError(ValueError):
     """A data problem, described in one line that names the fix."""

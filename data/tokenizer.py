@@ -54,3 +54,6 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
+
+
+TOKENIZERS = (ByteTokenizer.name, BPETokenizer.name)  # data.tokenizer

@@ -66,8 +66,13 @@ def segments(batch: Batch) -> list[Segment]:
 
 
 def parse_sp(mode: str) -> int | None:
-    """parallel.sp -> None (adaptive) or the static degree."""
-    return None if mode == "adaptive" else int(mode.split(":", 1)[1])
+    """parallel.sp -> None (adaptive) or the static degree; ValueError for anything else."""
+    if mode == "adaptive":
+        return None
+    kind, _, degree = mode.partition(":")
+    if kind != "static" or not degree.isdigit() or int(degree) < 1:
+        raise ValueError(f"parallel.sp='{mode}': choose adaptive or static:<d>, e.g. parallel.sp=static:2")
+    return int(degree)
 
 
 def plan_batch(segs: list[Segment], lanes: int, mode: str, cost: SPCost, passes: int | None) -> Plan:

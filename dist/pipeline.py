@@ -13,6 +13,8 @@ from dist.comm import Comm
 from dist.groups import Groups
 from model.stages import Stage, token_loss_sum
 
+SCHEDULES = ("gpipe", "1f1b")  # parallel.schedule
+
 
 def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
     """The ordered ("F"|"B", micro-batch) actions of one stage."""

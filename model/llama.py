@@ -11,6 +11,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from config import ModelConfig
 
+ATTENTIONS = ("sdpa", "flex")  # model.attention: a dense document mask (SDPA) | a FlexAttention block mask
+
 
 def ffn_dim(cfg: ModelConfig) -> int:
     if cfg.ffn_dim:

@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from config import ModelConfig
 from model.llama import Block, causal_block_mask, document_block_mask, document_mask, document_positions, rope_tables
 
+PRECISIONS = ("fp32", "bf16")  # train.precision: bf16 autocasts matmuls (set_fast_path)
+
 
 def split_layers(n_layers: int, stages: int) -> list[range]:
     """Layer ranges per stage, as even as possible (earlier stages take the remainder)."""

@@ -34,10 +34,11 @@ def check_bounds(alpha: float, beta: float, gamma: float) -> None:
     """The paper's conditions: the mean converges if beta > alpha; replica spread stays bounded if
     alpha < gamma < sqrt(2 + alpha^2) (pairs)."""
     if not beta > alpha:
-        raise ValueError(f"NoLoCo needs beta > alpha for the mean to converge (got alpha={alpha}, beta={beta})")
+        raise ValueError(f"sync.alpha={alpha}, sync.beta={beta}: NoLoCo needs beta > alpha for the mean to converge: "
+                         f"raise sync.beta or lower sync.alpha")
     if not alpha < gamma < math.sqrt(2 + alpha * alpha):
-        raise ValueError(f"NoLoCo needs alpha < gamma < sqrt(2 + alpha^2) = {math.sqrt(2 + alpha * alpha):.3f} "
-                         f"for bounded replica spread (got alpha={alpha}, gamma={gamma})")
+        raise ValueError(f"sync.alpha={alpha}, sync.gamma={gamma}: NoLoCo needs alpha < gamma < sqrt(2 + alpha^2) = "
+                         f"{math.sqrt(2 + alpha * alpha):.3f} for bounded replica spread: set sync.gamma in between")
 
 
 def pair_means(phi: torch.Tensor, theta: torch.Tensor, peer_phi: torch.Tensor | None,

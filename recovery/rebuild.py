@@ -88,6 +88,9 @@ class Decision:
     def target_of(self, replica: int) -> int | None:
         return dict(self.replica_targets).get(replica, self.target)
 
+REBUILDS = ("auto", "checkfree", "checkpoint")  # recovery.rebuild: what `decide` may choose from
+REJOINS = ("skip", "replay")  # recovery.rejoin of a DiLoCo replica that lost a stage (`join_step`)
+
 
 def decide(infos: list[RankInfo], stages: int, mode: str = "auto", swap: bool = False) -> Decision:
     survivors = {i.slot: i for i in infos if not i.fresh}
@@ -204,9 +207,13 @@ def payload(method: str, w: RankState) -> dict:
     return out
 
 
+CHECKFREE_WEIGHTS = {"grad_norm": lambda g: g + 1e-4, "grad_norm_sq": lambda g: g ** 2 + 1e-4,
+                     "uniform": lambda g: 1.0}  # recovery.checkfree_weight
+
+
 def weight(grad_norm: float, rule: str) -> float:
     """CheckFree's neighbour weight: the less converged neighbour (larger gradient) counts more."""
-    return {"grad_norm": grad_norm + 1e-4, "grad_norm_sq": grad_norm ** 2 + 1e-4, "uniform": 1.0}[rule]
+    return CHECKFREE_WEIGHTS[rule](grad_norm)
 
 
 @torch.no_grad()
