@@ -39,7 +39,8 @@ def worker(args) -> None:
         ds = DistributedAttention(MaskedAttention(), group, scatter_idx=2, gather_idx=0)
         impls["deepspeed"] = lambda q, k, v, mask: ds(q, k, v, 1, None, mask)
     except ImportError:
-        pass
+        if rank == 0:
+            print("ulysses: deepspeed is not installed (pip install -e .[sp]): timing flotilla's only", file=sys.stderr)
     g = torch.Generator().manual_seed(rank)
     s, b, h, hd = args.seq, 1, args.heads, args.head_dim
     q, k, v = (torch.randn(s // d, b, h, hd, generator=g, requires_grad=True) for _ in range(3))

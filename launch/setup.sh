@@ -2,7 +2,8 @@
 # Create .venv and install Flotilla with its dependencies (idempotent: a second run only checks).
 # torch is pinned to 2.13.0 and installed first (TORCH_SPEC overrides it, e.g. a CUDA build on a GPU machine:
 # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"); the rest without build isolation (a package that
-# builds against torch in an isolated build would fetch a multi-GB CUDA torch).
+# builds against torch in an isolated build would fetch a multi-GB CUDA torch). ".[dev]" brings pytest and the extras
+# the tests use (wan: hivemind, plots: matplotlib); a core install is `pip install -e .`, DeepSpeed is `.[sp]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
