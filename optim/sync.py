@@ -15,13 +15,14 @@ from config import SyncConfig
 from dist.comm import CROSS, LANE, Comm
 from dist.groups import Groups
 from optim.diloco import DiLoCo
-from optim.ef21 import ErrorFeedback
+from optim.ef21 import COMPRESSORS, KINDS, ErrorFeedback
 from optim.noloco import NoLoCo
 from optim.reduce import average_in_place_, copy_flat_
 from optim.sparseloco import SparseLoCo
 
 METHODS = ("ddp", "diloco", "noloco")  # sync.method
 TRANSPORTS = ("torch", "hivemind")  # sync.transport of the outer exchange (hivemind: optim/wan.py)
+COMPRESSIONS = ("none", "sparseloco", *(f"{k}-{c}" for k in KINDS for c in COMPRESSORS))  # sync.(lane_)compress
 
 
 class Sync(Protocol):
