@@ -48,6 +48,9 @@ from recovery.state import RankState, build_state
 
 TrainLoop = Callable[[RankState], None]
 
+BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend (auto: nccl on GPUs, gloo on CPUs)
+DEVICES = ("cpu", "cuda")  # train.device
+
 
 def choose_backend(cfg: Config) -> str:
     """gloo or nccl (the config's, or by device); also applies train.threads. Checks a GPU is there if asked."""
