@@ -5,8 +5,15 @@ lengths (least squares on s^2 and s). Communication: gloo all_to_all_single betw
 several sizes (start-up time and bandwidth). Groups as they run (--lanes L > 1): L real processes, for every
 group size d <= L all L / d groups at once each run forward + backward of the layers on one sequence (Ulysses
 attention across the group), timed from a barrier to a barrier, and a s^2 + b s + c is fitted per d: the
-trainer's planner uses these. Writes the fitted model as JSON and prints one JSON line.
-Usage: python bench/profile_sp.py [--out .cache/flotilla/sp_cost.json] [--tokens-per-lane 4096] [--lanes 4]
+trainer's planner uses these. Memory: the bytes autograd saves for the backward of the stage's layers at
+two lengths (per token a + q s; parameters not counted) and the layers' model states (16 B per parameter:
+weights, gradients, Adam moments; every lane holds its stage's) give the tokens a lane holds (`lane_tokens`)
+in --memory-gb (default: the GPU's memory, or on CPU this machine's memory / --lanes); --tokens-per-lane
+overrides it. What one machine cannot measure is given: --per-pass-s (a pass's fixed cost), --lanes-per-node
+and --node-gbps (groups across nodes).
+Writes the fitted model as JSON and prints one JSON line.
+Usage: python bench/profile_sp.py [--out .cache/flotilla/sp_cost.json] [--lanes 4] [--memory-gb G]
+       [--tokens-per-lane E] [--per-pass-s 0] [--lanes-per-node 0 --node-gbps 0]
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
 from dist.groups import sp_ranges  # noqa: E402
-from dist.sp_cost import fit, fit_measured  # noqa: E402
+from dist.sp_cost import fit, fit_measured, lane_tokens  # noqa: E402
 from launch.cluster import torchrun_cmd  # noqa: E402
 from model.llama import Block, document_mask, rope_tables  # noqa: E402
 from recovery.state import model_config  # noqa: E402
@@ -55,6 +62,35 @@ def time_layers(layers, dim: int, cos, sin, mask, attend=None, repeats: int = 3,
         barrier()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def activation_bytes_per_token(s: int) -> tuple[float, int]:
+    """(bytes autograd saves for the backward of the default config's stage layers on one s-token sequence, per
+    token; the layers' parameter count). Saved parameters are not activations and shared storage counts once."""
+    cfg = model_config(load_config([]), 257)
+    layers = [Block(cfg) for _ in range(cfg.n_layers)]
+    params = {p.data_ptr() for layer in layers for p in layer.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved[t.data_ptr(), t.numel()] = t.numel() * t.element_size()
+        return t
+
+    cos, sin, mask = lane_inputs(cfg, s, 1, 0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = torch.randn(1, s, cfg.dim, requires_grad=True)
+        for layer in layers:
+            h = layer(h, cos, sin, mask, None)
+    return sum(saved.values()) / s, sum(p.numel() for layer in layers for p in layer.parameters())
+
+
+def memory_bytes(gb: float, lanes: int) -> float:
+    if gb > 0:
+        return gb * 1e9
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(lanes, 1)
 
 
 def time_compute(lengths: list[int]) -> list[tuple[int, float]]:
@@ -113,7 +149,11 @@ def run_workers(nproc: int, flag: str, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache", "flotilla", "sp_cost.json"))
-    ap.add_argument("--tokens-per-lane", type=int, default=4096)
+    ap.add_argument("--tokens-per-lane", type=int, default=0, help="override the memory model (0: derive it)")
+    ap.add_argument("--memory-gb", type=float, default=0.0, help="memory per lane (0: the GPU's, or RAM / lanes)")
+    ap.add_argument("--per-pass-s", type=float, default=0.0, help="fixed seconds per pass (micro-batch)")
+    ap.add_argument("--lanes-per-node", type=int, default=0, help="lanes sharing a node (0: one node)")
+    ap.add_argument("--node-gbps", type=float, default=0.0, help="GB/s of one node's links to the others")
     ap.add_argument("--lanes", type=int, default=4, help="time groups of every size on this many processes (1: skip)")
     ap.add_argument("--alltoall-worker", default="")
     ap.add_argument("--groups-worker", default="")
@@ -138,11 +178,19 @@ def main() -> None:
                 runs = {int(d): [tuple(x) for x in pts] for d, pts in json.load(fh).items()}
     cfg = model_config(load_config([]), 257)
     bytes_per_token = 4 * 2 * cfg.n_layers * cfg.dim * 4  # q, k, v, out; forward + backward; fp32
-    cost = fit(compute, alltoall, bytes_per_token, args.tokens_per_lane, alltoalls_per_sequence=4 * 2 * cfg.n_layers)
-    cost = dataclasses.replace(cost, measured=fit_measured(runs) if runs else None)
+    (short, params), (long, _) = activation_bytes_per_token(lengths[-3]), activation_bytes_per_token(lengths[-1])
+    quadratic = max((long - short) / (lengths[-1] - lengths[-3]), 0.0)  # per token: a + q s
+    act = short - quadratic * lengths[-3]
+    memory = memory_bytes(args.memory_gb, args.lanes)
+    tokens = args.tokens_per_lane or lane_tokens(memory, act, params, quadratic=quadratic)
+    cost = fit(compute, alltoall, bytes_per_token, tokens, alltoalls_per_sequence=4 * 2 * cfg.n_layers)
+    cost = dataclasses.replace(cost, measured=fit_measured(runs) if runs else None, per_pass=args.per_pass_s,
+                               lanes_per_node=args.lanes_per_node, node_bandwidth=args.node_gbps * 1e9)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cost.save(args.out)
     print(json.dumps({"bench": "profile_sp", "out": args.out, **cost.__dict__, "lanes": args.lanes,
+                      "activation_bytes_per_token": round(act),
+                      "activation_bytes_per_token2": quadratic, "stage_params": params, "memory_bytes": memory,
                       "compute": compute, "alltoall": alltoall, "groups": runs}), flush=True)
 
 

@@ -79,17 +79,23 @@ class SPCost:
 
 
 def lane_tokens(memory_bytes: float, activation_bytes_per_token: float, params: float = 0.0,
-                state_bytes_per_param: float = 16.0, state_shards: int = 1) -> int:
-    """E = (memory_bytes - state_bytes_per_param * params / state_shards) / activation_bytes_per_token: the tokens
-    one lane can hold. Model states: weights, gradients and optimizer moments (16 B per parameter for fp32 AdamW
-    or bf16 mixed precision with fp32 master weights), split over state_shards lanes (ZeRO-3: all of them; our
-    lanes of a stage each hold the stage's whole states: 1)."""
+                state_bytes_per_param: float = 16.0, state_shards: int = 1, quadratic: float = 0.0) -> int:
+    """The tokens E one lane can hold: the largest E with a * E + q * E^2 <= free, where
+    free = memory_bytes - state_bytes_per_param * params / state_shards, a = activation_bytes_per_token and
+    q = quadratic (bytes per token^2: attention scores kept for the backward when attention is not fused, counted
+    for one sequence of E tokens: conservative for several shorter ones); with q = 0, E = free / a.
+    Model states: weights, gradients and optimizer moments (16 B per parameter for fp32 AdamW or bf16 mixed
+    precision with fp32 master weights), split over state_shards lanes (ZeRO-3: all of them; our lanes of a stage
+    each hold the stage's whole states: 1)."""
     free = memory_bytes - state_bytes_per_param * params / state_shards
-    if free < activation_bytes_per_token:
+    if free < activation_bytes_per_token + quadratic:
         raise ValueError(f"model states ({state_bytes_per_param * params / state_shards / 1e9:.2f} GB per lane) leave "
                          f"no room for one token's activations in {memory_bytes / 1e9:.2f} GB: shard the states over "
                          f"more lanes, use fewer layers per stage, or give each lane more memory")
-    return int(free // activation_bytes_per_token)
+    if quadratic <= 0:
+        return int(free // activation_bytes_per_token)
+    a, q = activation_bytes_per_token, quadratic
+    return int((math.sqrt(a * a + 4 * q * free) - a) / (2 * q))
 
 
 def preset(name: str) -> SPCost:

@@ -247,3 +247,8 @@ def test_flexsp_preset_holds_the_published_figures():
     assert cost.time(1000, 1) == pytest.approx(5.128e-9 * 1e6 + 0.184)
     with pytest.raises(ValueError, match="unknown SP cost preset 'x': use one of flexsp-a100-64"):
         preset("x")
+
+
+def test_lane_tokens_with_attention_scores_kept_is_the_largest_sequence_that_fits():
+    e = lane_tokens(1e9, 1000.0, quadratic=2.0)
+    assert 1000.0 * e + 2.0 * e * e <= 1e9 < 1000.0 * (e + 1) + 2.0 * (e + 1) ** 2
