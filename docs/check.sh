@@ -42,8 +42,8 @@ launch/chaos\.py 	sub:--run-dir \S+=>--run-dir {RUN},tiny	one machine: coordinat
 ^launch/multinode\.sh 	sub:\$NODE_RANK=>0,dry,config	needs several machines: dry run and config check
 sbatch 	config	needs a SLURM cluster (tests/test_launch.py runs the script with stand-ins): config check only
 ^export FLOTILLA_SECRET=	skip	sets the run's secret for the commands after it
+-m recovery\.coordinator	sub:^mkdir -p \S+ && =>,help	the coordinator serves until its job ends (workers on other machines)
 ^mkdir -p 	skip	prepares a folder on the cluster
--m recovery\.coordinator	help	the coordinator serves until its job ends (workers on other machines)
 -m launch\.node_agent	help,config	keeps workers running until the job ends (needs a coordinator): help and config check
 ^FLOTILLA_SECRET=\S* \.venv/bin/python train\.py 	config	a spot worker needs a running coordinator: config check only
 wan\.site=1 	sub:'wan\.initial_peers=\[[^]]*\]'=>,config	needs two sites (tests/test_wan.py runs two on loopback); site 0's address is known only when it runs
