@@ -20,6 +20,9 @@ Pipeline-parallel LLM training on unreliable machines. Settings: the defaults be
 
   --help          print this and exit
   --print-config  print the resolved config (preset and overrides applied) as YAML and exit
+
+After a run, `python -m recovery.export <run_dir>/checkpoints/step_<N> <out dir>` writes the model as one file
+(Hugging Face Llama parameter names; replicas averaged) with its config.yaml.
 """
 
 
