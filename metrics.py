@@ -1,4 +1,8 @@
-"""What a run reports: console lines, TensorBoard scalars, metrics.jsonl and the per-replica sample ledger."""
+"""What a run reports: console lines, TensorBoard scalars, metrics.jsonl and the per-replica sample ledger.
+
+Steps are numbered by the steps completed (1 for the first) everywhere a run reports one: console, TensorBoard,
+metrics.jsonl, sync/rank<k>.jsonl and checkpoint names. The ledger is the exception: a record is the samples
+the step at loader position `step` (0 for the first) took, written before that step completes."""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,7 @@ import statistics
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Callable
 
 from torch.utils.tensorboard import SummaryWriter
@@ -83,7 +88,8 @@ LAYOUT = {"flotilla": {"loss vs tokens seen": ["Multiline", [r"by_tokens/.*"]],
 class RunLog:
     """The logger rank (replica 0, last stage) owns the console, train scalars and metrics.jsonl;
     stage 0 of each replica owns that replica's sample ledger; every rank logs its own bytes sent
-    and its outer steps (sync/rank<k>.jsonl)."""
+    and its outer steps (sync/rank<k>.jsonl) and, at every log step, its bytes sent so far (bytes/rank<k>.jsonl:
+    summed over ranks, the whole job's traffic)."""
 
     def __init__(self, run_dir: str, rank: int, replica: int, stage: int, stages: int, start_step: int,
                  tensorboard: bool, tokens_per_step: int = 0, lane: int = 0, gen: list | None = None,
@@ -98,10 +104,11 @@ class RunLog:
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.ledger_path = ledger_path(run_dir, replica) if stage == lane == 0 else None
         self.sync_path = os.path.join(run_dir, "sync", f"rank{rank}.jsonl")
-        for path in (self.ledger_path, self.sync_path):
+        self.bytes_path = os.path.join(run_dir, "bytes", f"rank{rank}.jsonl")
+        for path in (self.ledger_path, self.sync_path, self.bytes_path):
             if path:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.metrics = self.ledger = self.sync = None
+        self.metrics = self.ledger = self.sync = self.bytes = None
         self.rollback(start_step, self.gen)
         tb = os.path.join(run_dir, "tb")
         self.tb = SummaryWriter(os.path.join(tb, "train")) if tensorboard and self.is_logger else None
@@ -112,17 +119,19 @@ class RunLog:
     def rollback(self, step: int, gen: list) -> None:
         """Forget records of steps >= step (they will be replayed) and append from there, as generation `gen`."""
         self.at_step, self.gen = step, gen
-        for f in (self.metrics, self.ledger, self.sync):
+        for f in (self.metrics, self.ledger, self.sync, self.bytes):
             if f:
                 f.close()
         if self.is_logger:
-            truncate_jsonl(self.metrics_path, step, gen)
+            truncate_jsonl(self.metrics_path, step + 1, gen)
             self.metrics = open(self.metrics_path, "a")
         if self.ledger_path:
             truncate_jsonl(self.ledger_path, step, gen)
             self.ledger = open(self.ledger_path, "a")
         truncate_jsonl(self.sync_path, step + 1, gen)
         self.sync = open(self.sync_path, "a")
+        truncate_jsonl(self.bytes_path, step + 1, gen)
+        self.bytes = open(self.bytes_path, "a")
 
     def event(self, kind: str, fenced: bool = True, **fields) -> None:
         """A recovery event (events.jsonl, shared with the coordinator and the chaos launcher); fenced=False for
@@ -159,6 +168,7 @@ class RunLog:
         self.sync.flush()
 
     def record_step(self, step: int, **values) -> None:
+        """A metrics.jsonl record of step `step` (the count of completed steps)."""
         if self.metrics:
             self.fence()
             self.metrics.write(json.dumps({"step": step, **values, "t": time.time(), "gen": self.gen}) + "\n")
@@ -177,8 +187,10 @@ class RunLog:
     def comm_scalars(self, step: int, comm, replica_loss: float = math.nan) -> None:
         """This rank's bytes sent and collective calls so far, per link class; on a replica's last stage also the
         replica's own training loss (replicas drift apart between DiLoCo / NoLoCo syncs: each shows its own)."""
+        self.fence()
+        self.bytes.write(json.dumps({"step": step, "sent": comm.totals(), "t": time.time(), "gen": self.gen}) + "\n")
+        self.bytes.flush()
         if self.tb_comm:
-            self.fence()
             if not math.isnan(replica_loss):
                 self.tb_comm.add_scalar("train/replica_loss", replica_loss, step)
             for link, b in comm.totals().items():
@@ -186,26 +198,47 @@ class RunLog:
                 self.tb_comm.add_scalar(f"comm/collectives_{link}", comm.calls.get(link, 0), step)
 
     def close(self) -> None:
-        for f in (self.metrics, self.ledger, self.sync, self.tb, self.tb_comm):
+        for f in (self.metrics, self.ledger, self.sync, self.bytes, self.tb, self.tb_comm):
             if f:
                 f.close()
 
 
+@dataclass
+class Interval:
+    """The steps since the previous report: tokens/s and where a step's seconds went (means per step)."""
+    tokens_per_s: float
+    step_s: float
+    waiting_s: float  # blocked on transfers inside the replica (pipeline neighbours, lanes): bubbles and slow peers
+    sync_s: float  # blocked on transfers between replicas (gradient / outer-step sync)
+
+    @property
+    def compute_s(self) -> float:
+        return max(0.0, self.step_s - self.waiting_s - self.sync_s)
+
+
 class Throughput:
-    """Tokens per second over training time only (each step timed on its own; eval and checkpoints excluded)."""
+    """Tokens per second over training time only (each step timed on its own; eval and checkpoints excluded), and
+    each step's seconds split into compute, waiting on peers of the replica and sync with other replicas."""
 
     def __init__(self, tokens_per_step: int, skip: int = 2):
         self.tokens_per_step, self.skip = tokens_per_step, skip  # skip: warm-up steps left out of overall()
         self.seconds: list[float] = []
+        self.waiting: list[float] = []
+        self.syncing: list[float] = []
         self.mark = 0
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, waiting: float = 0.0, syncing: float = 0.0) -> None:
         self.seconds.append(seconds)
+        self.waiting.append(waiting)
+        self.syncing.append(syncing)
 
-    def interval(self) -> float:
-        """tokens/s over the steps since the previous call."""
-        recent, self.mark = self.seconds[self.mark:], len(self.seconds)
-        return len(recent) * self.tokens_per_step / max(sum(recent), 1e-9)
+    def interval(self) -> Interval:
+        """The steps since the previous call."""
+        start, self.mark = self.mark, len(self.seconds)
+        n = max(1, self.mark - start)
+        total = sum(self.seconds[start:])
+        return Interval(n * self.tokens_per_step / max(total, 1e-9), total / n, sum(self.waiting[start:]) / n,
+                        sum(self.syncing[start:]) / n)
 
     def overall(self) -> float:
         """Steady-state tokens/s: the median step after warm-up (robust to a noisy, shared machine); 0 if none ran."""

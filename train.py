@@ -1,4 +1,5 @@
-"""Flotilla training entry point: `python train.py [key=value ...]` or `torchrun --nproc-per-node=N train.py ...`.
+"""Flotilla training entry point: `python train.py [key=value ...]` or `torchrun --nproc-per-node=N train.py ...`
+(`python train.py --help` lists every key; `--print-config` prints the resolved config).
 
 The training step is here and reads top to bottom (`train`); forming worlds, recovery and checkpoints are the
 runtime's (recovery/runtime.py).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 from config import ConfigError, load_config
 from data.corpus import DataError
 from data.loader import validation_batches
@@ -56,6 +58,7 @@ class StepWork:
     n_tokens: float  # each micro-batch's loss is divided by this
     run: object = run_rows
     plan: object = None
+    plan_wait_s: float = 0.0  # how long the planner rank waited for this step's SP plan
 
 
 def split_batch(w: RankState, batch, step: int) -> StepWork:
@@ -66,12 +69,15 @@ def split_batch(w: RankState, batch, step: int) -> StepWork:
         microbatches, hops = local_microbatches(batch, w.loader, step, cfg.parallel.microbatches, w.replica, w.stage,
                                                 topo.members, topo.stages, cfg.train.seed, cfg.sync.routing)
         return StepWork([mb.to(w.device) for mb in microbatches], hops, batch.n_tokens)
-    segs = segments(batch)
-    planned = plan_batch(segs, topo.lanes, cfg.parallel.sp, w.sp_cost,
-                         cfg.parallel.microbatches if cfg.parallel.microbatches > 1 else None)
+    segs, waited = segments(batch), 0.0
+    if w.plan_ahead:  # made during the previous step by one rank of the replica (the batch's loader position)
+        planned, waited = w.plan_ahead.plan(w.loader.step - 1)
+    else:
+        planned = plan_batch(segs, topo.lanes, cfg.parallel.sp, w.sp_cost,
+                             cfg.parallel.microbatches if cfg.parallel.microbatches > 1 else None)
     microbatches = [mb.to(w.device) for mb in lane_microbatches(batch, segs, planned, w.lane)]
     return StepWork(microbatches, [(w.replica, w.replica)] * len(microbatches), batch.n_tokens / topo.lanes,
-                    w.lane_runner, planned)
+                    w.lane_runner, planned, waited)
 
 
 def lanes_sum(w: RankState, value: float) -> float:
@@ -123,7 +129,7 @@ def train(w: RankState) -> None:
     val_batches = validation_batches(w.corpus.val, w.corpus.eos, cfg.log.eval_batches, cfg.train.batch_size, 0, 1)
     loss_sum_interval, steps_interval = 0.0, 0
     for step in range(w.join_at - 1 if w.join_at else w.committed, cfg.train.steps):
-        t0 = time.perf_counter()
+        t0, (waited0, synced0) = time.perf_counter(), w.comm.blocked()
         stop_before_world_step(w, step + 1)  # the generation ended elsewhere: train on only to the next outer step
         if w.join_at == step + 1:  # DiLoCo, rejoining at this outer step: the weights are the anchor (a zero
             loss, grad_norm, work = None, w.grad_norm, None  # pseudo-gradient); its unfinished inner steps are
@@ -139,44 +145,57 @@ def train(w: RankState) -> None:
         w.committed, w.applied, w.join_at = done, False, None
         if synced:
             keep_outer_snapshot(w, done)  # DiLoCo / NoLoCo under recovery: the point a replica rewinds to
-        seconds = time.perf_counter() - t0
+        seconds, (waited, syncing) = time.perf_counter() - t0, w.comm.blocked()
         if work:
-            meter.add(seconds)
+            meter.add(seconds, waited - waited0, syncing - synced0)
 
         # the step is committed: record it
         if synced:
             w.log.record_sync(done, synced, params, w.comm, w.sync.outer_update_norm())
         if work:  # not a rejoining replica's skipped step
-            w.log.record_step(step, loss=loss, lr=lr, grad_norm=grad_norm,
-                              **(log_plan(w, done, work.plan, seconds) if work.plan else {}))
+            w.log.record_step(done, loss=loss, lr=lr, grad_norm=grad_norm,
+                              **(log_plan(w, done, work, seconds) if work.plan else {}))
             loss_sum_interval, steps_interval = loss_sum_interval + loss, steps_interval + 1
         if steps_interval and (done % cfg.log.log_every == 0 or done == cfg.train.steps):
             mean_loss = loss_sum_interval / steps_interval  # replica 0's: no cross-replica traffic for metrics
-            tps = meter.interval()
-            sent = w.comm.totals()
-            w.log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": tps,
-                                 "train/grad_norm": grad_norm})
+            times, sent = meter.interval(), w.comm.totals()
+            eta = (cfg.train.steps - done) * times.step_s
+            w.log.scalars(done, {"train/loss": mean_loss, "train/lr": lr, "train/tokens_per_s": times.tokens_per_s,
+                                 "train/grad_norm": grad_norm, "time/step_s": times.step_s,
+                                 "time/compute_s": times.compute_s, "time/waiting_s": times.waiting_s,
+                                 "time/sync_s": times.sync_s, "time/eta_s": eta})
+            w.log.record_step(done, step_s=times.step_s, compute_s=times.compute_s, waiting_s=times.waiting_s,
+                              sync_s=times.sync_s)
             w.log.comm_scalars(done, w.comm, mean_loss if w.lane == 0 else math.nan)
-            w.log.say(f"step {done}/{cfg.train.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                      f"grad {grad_norm:.3f} | sent intra {sent['intra_replica'] / 1e6:.1f} MB, "
-                      f"cross {sent[CROSS] / 1e6:.1f} MB")
+            w.log.say(f"step {done}/{cfg.train.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                      f"{times.tokens_per_s:,.0f} tok/s | grad {grad_norm:.3f} | step {times.step_s:.3f} s: compute "
+                      f"{times.compute_s:.3f}, waiting {times.waiting_s:.3f}, sync {times.sync_s:.3f} | sent intra "
+                      f"{sent['intra_replica'] / 1e6:.1f} MB, cross {sent[CROSS] / 1e6:.1f} MB | ETA {eta_text(eta)}")
             loss_sum_interval, steps_interval = 0.0, 0
         if w.replica == 0 and cfg.log.eval_every and (done % cfg.log.eval_every == 0 or done == cfg.train.steps):
             w.val_loss = evaluate(w, val_batches)
             w.log.scalars(done, {"val/loss": w.val_loss, "val/ppl": math.exp(w.val_loss)})
-            w.log.record_step(step, val_loss=w.val_loss, cross_bytes=w.comm.bytes_sent[CROSS])
+            w.log.record_step(done, val_loss=w.val_loss, cross_bytes=w.comm.bytes_sent[CROSS])
             w.log.say(f"step {done} | val loss {w.val_loss:.4f} | val ppl {math.exp(w.val_loss):.2f}")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
             w.log.say(f"step {done} | checkpoint {save_checkpoint(w, done)}")
 
 
-def log_plan(w: RankState, done: int, planned, seconds: float) -> dict:
-    """The step's SP plan to TensorBoard (group sizes, predicted vs measured seconds, predicted imbalance);
-    returns the same for metrics.jsonl."""
+def eta_text(seconds: float) -> str:
+    """Time left as 1h02m, 3m05s or 12s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def log_plan(w: RankState, done: int, work: StepWork, seconds: float) -> dict:
+    """The step's SP plan to TensorBoard (group sizes, predicted vs measured seconds, predicted imbalance, the
+    planner's wait); returns the same for metrics.jsonl."""
+    planned = work.plan
     sizes = [sorted((g.size for g in groups), reverse=True) for groups in planned.microbatches]
     record = {"sp_groups": sizes, "sp_predicted_s": planned.predicted, "sp_measured_s": seconds,
-              "sp_imbalance": imbalance(planned, w.topo.lanes)}
+              "sp_imbalance": imbalance(planned, w.topo.lanes), "sp_plan_wait_s": work.plan_wait_s}
     w.log.scalars(done, {"sp/predicted_s": planned.predicted, "sp/measured_s": seconds,
+                         "sp/plan_wait_s": work.plan_wait_s,
                          "sp/imbalance": record["sp_imbalance"], "sp/passes": len(sizes),
                          "sp/groups": sum(map(len, sizes)) / len(sizes), "sp/largest_group": max(map(max, sizes))})
     return record
@@ -205,7 +224,10 @@ def finish(w: RankState) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if cli.answer(argv):  # --help or --print-config: printed, nothing started
+        return None
     cfg = load_config(argv)
     hooks.install_from_env()  # tests install fault injection here; a normal run has none
     w = run(cfg, train)  # one generation (torchrun, or a single process) or, with a coordinator, as many as faults need

@@ -60,7 +60,7 @@ def run(method: str, rate: float, steps: int, ckpt_every: int, workdir: str, see
 
 def to_target(result: dict, target: float) -> tuple[float | None, int | None]:
     hit = next((r for r in result["evals"] if r["val_loss"] <= target), None)
-    return (round(hit["t"] - result["start"], 2), hit["step"] + 1) if hit else (None, None)
+    return (round(hit["t"] - result["start"], 2), hit["step"]) if hit else (None, None)
 
 
 def isolation(rejoin: str, workdir: str, H: int) -> dict:
@@ -124,7 +124,7 @@ def main() -> None:
         results = {(m, r): run(m, r, args.steps, args.checkpoint_every, workdir, args.seed, SYNC[args.sync])
                    for m in methods for r in rates}
         plain = results[(methods[-1], min(rates))]  # plain training: the last method at the lowest rate
-        target = [r for r in plain["evals"] if r["step"] + 1 <= 0.8 * args.steps][-1]["val_loss"]
+        target = [r for r in plain["evals"] if r["step"] <= 0.8 * args.steps][-1]["val_loss"]
         for m in methods:
             final_clean = results[(m, min(rates))]["evals"][-1]["val_loss"]
             for r in rates:

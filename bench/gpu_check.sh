@@ -4,7 +4,7 @@
 # gloo), then bench/throughput.py on the llama-125m preset (train.py against a plain loop with the same fast
 # settings, MFU, peak memory, and a 2-stage row). Prints the tests' summary and the bench's JSON lines.
 # Needs a Python with a CUDA build of torch and Flotilla's dependencies: PYTHON=... or .venv (launch/setup.sh with
-# TORCH_SPEC naming a CUDA build; see the README's GPU section).
+# TORCH_SPEC naming a CUDA build; see docs/launching.md, GPUs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}

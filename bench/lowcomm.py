@@ -34,7 +34,7 @@ from launch.cluster import torchrun_cmd  # noqa: E402
 FEDAVG = ["sync.outer_lr=1", "sync.outer_momentum=0"]  # the outer step is the plain average of the replicas
 # adamw-update*: every step, each replica takes its own AdamW step and the replicas average that update (DiLoCo
 # with H = 1 and FedAvg), dense or through error feedback; EF14 on the update is EF21 on the replica's cumulative
-# update (README, "Loss against bytes"; tests/test_lowcomm_math.py)
+# update (docs/lowcomm.md; tests/test_lowcomm_math.py)
 ADAMW_UPDATE = ["sync.method=diloco", "sync.H=1", *FEDAVG]
 QUICK = {
     "ddp": [],
@@ -251,7 +251,7 @@ def plot_wall_clock(results: list[dict], runs: dict, bandwidth: float, path: str
         if not val:
             continue
         steps, losses, nbytes = zip(*val)
-        seconds = [computed_seconds(r, s + 1, b, bandwidth) for s, b in zip(steps, nbytes)]
+        seconds = [computed_seconds(r, s, b, bandwidth) for s, b in zip(steps, nbytes)]
         ax.plot(seconds, losses, "os^D"[i % 4] + "-", ms=4, color=colors[i % len(colors)],
                 label=f"{r['method']} ({seconds[-1]:.0f} s)")
     ax.set_xscale("log")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's plots, from real runs: DDP and DiLoCo (2 replicas x 1 stage, launch/single_node.sh) and a run with
+# The docs' plots, from real runs: DDP and DiLoCo (2 replicas x 1 stage, launch/single_node.sh) and a run with
 # random SIGKILLs and in-memory recovery (launch/chaos.py, 2 replicas x 2 stages, a spare), all on the same
 # 0.8M model and tokens; then bench/plots.py writes docs/loss_vs_tokens.png, docs/loss_vs_bytes.png and
-# docs/recoveries.png.
+# docs/recoveries.png, docs/goodput.png, docs/step_times.png and (from bench/churn.py's rows) docs/time_to_target.png.
 #
 #   bash bench/readme_plots.sh [RUNS_DIR]      (default runs/readme; it must not exist yet)
 set -euo pipefail
@@ -22,4 +22,5 @@ launch/single_node.sh 2 parallel.replicas=2 parallel.stages=1 "${common[@]}" syn
   log.run_dir="$runs/diloco-H25"
 "$python" launch/chaos.py --replicas 2 --stages 2 --rate 40 --seed 1 --spares 1 --run-dir "$runs/ddp-2x2-chaos" \
   "${common[@]}"
-"$python" bench/plots.py "$runs/ddp" "$runs/diloco-H25" "$runs/ddp-2x2-chaos" --out docs
+"$python" bench/plots.py "$runs/ddp" "$runs/diloco-H25" "$runs/ddp-2x2-chaos" --out docs \
+  --churn docs/churn.jsonl docs/churn_lowcomm.jsonl

@@ -53,7 +53,8 @@ class ReplicaLoader:
         self.replica, self.replicas, self.batch_size = replica, replicas, batch_size
         self.step = 0
         self.schedule: list[tuple[int, int, int, tuple[int, ...]]] = [(0, 0, replicas, tuple(range(replicas)))]
-        self._perm_epoch, self._perm = -1, None
+        self._perm: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, permutation): one attribute, so a reader
+        # on another thread (the SP plan-ahead) never pairs an epoch with another epoch's permutation
 
     def _entry(self, step: int) -> tuple[int, int, int, tuple[int, ...]]:
         return next(e for e in reversed(self.schedule) if e[0] <= step)
@@ -108,10 +109,11 @@ class ReplicaLoader:
             self.schedule.append((self.step, self._position(self.step, 0), self.replicas, tuple(range(self.replicas))))
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
-            self._perm_epoch = epoch
-        return self._perm
+        cached = self._perm
+        if cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.windows)))
+            self._perm = cached
+        return cached[1]
 
 
 def validation_batches(windows: np.ndarray, eos: int, n_batches: int, batch_size: int,

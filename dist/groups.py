@@ -41,6 +41,7 @@ class Groups:
     near: dict[int, Link]  # stage -> 2-rank group with that stage of this replica, 1 or 2 stages away (CheckFree+)
     lanes: object = None  # every lane of this stage of this replica (gradient sync); None with one lane
     sp: dict[tuple[int, int], object] = None  # (start lane, size) -> SP group of this stage's lanes holding this lane
+    whole_replica: object = None  # every stage and lane of this replica (the SP plan's broadcast); None with one lane
 
 
 def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: bool = False,
@@ -51,12 +52,13 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
     routing: links from every replica's stage s to every replica's stage s + 1 (random routing).
     swap: links between stages one or two apart in each replica (CheckFree+'s swapped micro-batches).
     With lanes, every group above exists once per lane (lane i of stage s talks to lane i of stage s + 1),
-    plus the lanes of each stage, and an SP group for every aligned lane range, created once here.
+    plus the lanes of each stage, an SP group for every aligned lane range, and each replica's whole set of
+    ranks, created once here.
     """
     timeout = timedelta(seconds=timeout_s)
     replica, stage = topo.slot(rank)
     lane, lanes = topo.lane(rank), range(topo.lanes)
-    mine: dict = {"next": {}, "prev": {}, "lanes": None, "sp": {}}
+    mine: dict = {"next": {}, "prev": {}, "lanes": None, "sp": {}, "whole_replica": None}
     for s in range(topo.stages):
         for ln in lanes:
             g = dist.new_group(topo.stage_ranks(s, ln), timeout=timeout)
@@ -88,6 +90,11 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
                 g = dist.new_group(ranks[start:start + size], timeout=timeout)
                 if rank in ranks[start:start + size]:
                     mine["sp"][start, size] = g
+    for r in topo.members if topo.lanes > 1 else ():
+        ranks = [topo.rank(r, s, ln) for s in range(topo.stages) for ln in lanes]
+        g = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine["whole_replica"] = g
     pairs = {}
     for s in range(topo.stages) if replica_pairs else ():
         for a in topo.members:
@@ -105,4 +112,5 @@ def build_groups(topo: Topology, rank: int, timeout_s: float, replica_pairs: boo
                 g = dist.new_group([ra, rb], timeout=timeout)
                 if rank in (ra, rb):
                     near[b if rank == ra else a] = Link(g, rb if rank == ra else ra, INTRA)
-    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs, near, mine["lanes"], mine["sp"])
+    return Groups(mine["stage"], mine["replica"], mine["next"], mine["prev"], pairs, near, mine["lanes"], mine["sp"],
+                  mine["whole_replica"])

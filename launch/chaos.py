@@ -42,7 +42,7 @@ def log_event(run_dir: str, kind: str, t: float | None = None, **fields) -> None
 def last_step(run_dir: str) -> int:
     """Steps the logger rank has committed so far (goes back when a checkpoint-restart rolls back)."""
     steps = [r["step"] for r in read_log(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
-    return steps[-1] + 1 if steps else 0
+    return steps[-1] if steps else 0
 
 
 def children(pid: int) -> list[int]:

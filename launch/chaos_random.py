@@ -57,7 +57,7 @@ class Progress:
                 if step not in seen:
                     self.sealed.append((now, step))
         records = [r for r in read_log(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
-        step = records[-1]["step"] + 1 if records else 0
+        step = records[-1]["step"] if records else 0
         if not self.steps or step != self.steps[-1][1]:
             if self.steps and step < self.steps[-1][1] and step < self.newest_sealed():
                 self.regressions.append({"t": now, "from": self.steps[-1][1], "to": step,

@@ -33,6 +33,7 @@ from dist.comm import INTRA, LANE, GenerationLost
 from dist.generation import start_generation
 from dist.groups import Groups, build_groups
 from dist.lanes import LaneRunner
+from dist.plan_ahead import PlanAhead, batch_planner
 from dist.sp_cost import SPCost
 from dist.topology import Topology
 from metrics import RunLog, ledger_path, truncate_jsonl, warn
@@ -122,13 +123,21 @@ def connect(w: RankState, phase_s: float) -> None:
         w.lane_sync = build_lane_sync(cfg.sync, w.module, w.groups, w.comm, w.topo.lanes, w.stage, cfg.train.seed)
         w.lane_runner = LaneRunner(w.groups.sp, w.comm)
         w.sp_cost = load_sp_cost(w, cfg.parallel.sp_cost)
+        if w.plan_ahead:
+            w.plan_ahead.close()
+        planner = batch_planner(w.loader, w.topo.lanes, cfg.parallel.sp, w.sp_cost,
+                                cfg.parallel.microbatches if cfg.parallel.microbatches > 1 else None,
+                                cfg.parallel.sp_time_limit_s)
+        w.plan_ahead = PlanAhead(planner, cfg.train.steps, w.stage == 0 and w.lane == 0, w.comm,
+                                 w.groups.whole_replica, w.topo.rank(w.replica, 0, 0)) if cfg.parallel.sp_plan_ahead else None
 
 
 def all_groups(groups: Groups) -> list:
     links = [*groups.replica_pairs.values(), *groups.near.values()]
     for neighbours in (*groups.next.values(), *groups.prev.values()):
         links += [neighbours.fwd, neighbours.bwd]
-    return [groups.stage, groups.replica, groups.lanes, *(groups.sp or {}).values(), *(link.group for link in links)]
+    return [groups.stage, groups.replica, groups.lanes, groups.whole_replica, *(groups.sp or {}).values(),
+            *(link.group for link in links)]
 
 
 def load_sp_cost(w: RankState, path: str) -> SPCost:
@@ -259,6 +268,8 @@ def close(w: RankState) -> None:
     """The run is over on this rank: leave the coordinator's run, or the torchrun world."""
     if w.wan:
         w.wan.shutdown()
+    if w.plan_ahead:
+        w.plan_ahead.close()
     if w.member:
         w.member.leave()
     else:
@@ -504,7 +515,7 @@ def roll_back_absent(w: RankState) -> None:
                 truncate_jsonl(os.path.join(run_dir, "sync", f"rank{topo.grid_rank(r, s, lane)}.jsonl"), step + 1,
                                w.generation_id)
         if r == 0:
-            truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), step, w.generation_id)
+            truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), step + 1, w.generation_id)
 
 
 def save_and_stop(w: RankState | None) -> None:

@@ -74,7 +74,7 @@ def test_no_survivor_resumes_from_the_newest_sealed_checkpoint(cluster, tmp_path
     assert sealed >= 10 and {(e["step"], os.path.basename(e["checkpoint"])) for e in resumed} == \
         {(sealed, f"step_{sealed:08d}")}
     check_ledger(c.run_dir, 1, steps=40)
-    assert metrics_steps(c.run_dir) == list(range(40))
+    assert metrics_steps(c.run_dir) == list(range(1, 41))
     whole = cluster("nosurvivor-whole", 1, 2, *common)
     assert whole.wait_all([whole.worker() for _ in range(2)]) == [0, 0]
     a, b = final_weights(c.run_dir, tmp_path, 40), final_weights(whole.run_dir, tmp_path, 40)
@@ -102,7 +102,7 @@ def test_evicted_worker_woken_after_its_replacement_writes_nothing(cluster):
     survivor = next(p for p in workers if p is not victim)
     assert c.wait_all([survivor, replacement]) == [0, 0], c.tail()
     check_ledger(c.run_dir, 1, steps=40)
-    assert metrics_steps(c.run_dir) == list(range(40))
+    assert metrics_steps(c.run_dir) == list(range(1, 41))
     assert all(tuple(r["gen"])[1] >= 2 for r in read_jsonl(ledger)[lines_before:] if "samples" in r)
 
 
@@ -146,7 +146,7 @@ def test_store_client_without_the_secret_cannot_end_a_generation_or_finish_the_r
     assert spare.poll() is None  # still waiting as a spare
     assert c.wait_all([worker, spare]) == [0, 0], c.tail()
     assert [e["event"] for e in c.events() if e["event"] in ("generation-ended", "re-formed")] == []
-    assert c.events("tampered") and metrics_steps(c.run_dir) == list(range(300))
+    assert c.events("tampered") and metrics_steps(c.run_dir) == list(range(1, 301))
     finished = c.events("run-finished")[0]["t"]
     assert os.path.getmtime(spare.log_path) >= finished - 0.5  # the spare left only when the run really ended
 

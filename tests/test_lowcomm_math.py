@@ -197,7 +197,7 @@ def test_ef14_error_accumulates_what_was_not_sent():
 
 def test_ef14_on_increments_is_ef21_on_their_running_sum():
     """EF21 tracking a replica's cumulative update sends exactly what EF14 sends on the per-step updates (after
-    EF21's dense first round, EF14's error starts at 0): the README's reading of `adamw-update+ef14-top1%`."""
+    EF21's dense first round, EF14's error starts at 0): docs/lowcomm.md's reading of `adamw-update+ef14-top1%`."""
     make = lambda kind: ErrorFeedback(kind, "topk", ratio=0.05, eta=0.1, chunk=100, seed=1, comm=None, group=None,
                                       link="cross_replica", n=1)
     ef21, ef14 = make("ef21"), make("ef14")
