@@ -53,6 +53,7 @@ bench/profile_sp\.py( --lanes [0-9]+)? && \.venv/bin/torchrun 	sub:bench/profile
 ^\.venv/bin/python bench/profile_sp\.py && 	help	fits the cost model and measures four SP plans (minutes)
 ^\.venv/bin/python bench/profile_sp\.py	sub:bench/profile_sp\.py=>bench/profile_sp.py --tokens-per-lane 512 --out {WORK}/sp_cost.json,run	the cost model fitted on short sequences
 ^\.venv/bin/python bench/	help	a benchmark (minutes to hours): --help only
+-m recovery\.export runs/default/checkpoints/step_00000300 exported/	sub:^.*$=>.venv/bin/python train.py parallel.replicas=1 parallel.stages=1 {TINY} log.run_dir={RUN} && .venv/bin/python -m recovery.export {RUN}/checkpoints/step_00000002 {WORK}/exported,run	a 2-step run of a tiny model, then its checkpoint exported
 ^\.venv/bin/tensorboard 	replace:.venv/bin/tensorboard --version_tb	starts a server: its version only
 train\.py --(help|print-config)	run	prints and exits
 ^(bash launch/setup\.sh && )?\.venv/bin/torchrun .*train\.py	tiny	2 steps of a tiny model
