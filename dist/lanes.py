@@ -6,9 +6,21 @@ lane of every stage plans the same batch (the planner is deterministic), finds t
 in each pass, and takes its contiguous slice of each of the group's sequences (padded to a multiple of the
 group size; padding sits at the end, so causal attention never lets a real token see it, and its targets
 are ignored). A lane's shards of one pass travel between stages as one tensor, lane i to lane i.
+
+A group runs its sequences packed, as one call per layer: sequence k of n_k tokens on a group of d lanes is
+cut into d slices of c_k = ceil(n_k / d) tokens, lane i holding places [i c_k, (i + 1) c_k) of every sequence,
+back to back. Ulysses' all-to-all concatenates the lanes' tokens in lane order, so attention sees
+
+    lane 0: seq 0 [0, c_0), seq 1 [0, c_1), ... | lane 1: seq 0 [c_0, 2 c_0), seq 1 [c_1, 2 c_1), ... | ...
+
+of T = d sum_k c_k tokens. Within one sequence that order is its own order, so the document mask over the
+sequence ids in this order, M[q, j] = (doc[q] == doc[j]) and (q >= j), is causal inside each sequence and
+nothing across them; RoPE takes each token's place in its sequence. One all-to-all per layer moves the group's
+whole pack (each lane sends (d - 1) / d of its sum_k c_k tokens' q, k, v and gets its output back).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -37,22 +49,29 @@ class Segment:
 
 
 @dataclass
-class Shard:
-    """One lane's slice of one sequence."""
-    positions: torch.Tensor  # (1, c) places in the sequence (RoPE)
-    length: int  # the whole padded sequence: c x group size
-    group: tuple[int, int]  # (start lane, size) of the SP group
-
-
-@dataclass
 class LaneMicrobatch:
-    """A lane's part of one pass of the plan: its shards back to back."""
-    inputs: torch.Tensor  # (1, sum c) token ids (0 on padding)
-    targets: torch.Tensor  # (1, sum c) next tokens (IGNORE on padding)
-    shards: list[Shard]
+    """A lane's part of one pass of the plan: its slice of each of its SP group's sequences, back to back."""
+    inputs: torch.Tensor  # (1, sum c_k) token ids (0 on padding)
+    targets: torch.Tensor  # (1, sum c_k) next tokens (IGNORE on padding)
+    positions: torch.Tensor  # (1, sum c_k) each token's place in its sequence: i c_k + [0, c_k) (RoPE)
+    group: tuple[int, int]  # (start lane, size d) of the SP group
+    chunks: tuple[int, ...]  # c_k: this lane's tokens of each sequence (every lane of the group holds as many)
 
     def to(self, device) -> "LaneMicrobatch":
-        return LaneMicrobatch(self.inputs.to(device), self.targets.to(device), self.shards)
+        return LaneMicrobatch(self.inputs.to(device), self.targets.to(device), self.positions.to(device), self.group,
+                              self.chunks)
+
+    def gathered_doc_ids(self) -> torch.Tensor:
+        """(1, d sum c_k): the sequence of every token in the order attention sees the group's pack (lane-major)."""
+        own = torch.repeat_interleave(torch.arange(len(self.chunks), device=self.inputs.device),
+                                      torch.tensor(self.chunks, device=self.inputs.device))
+        return own.repeat(self.group[1])[None]
+
+    def per_sequence(self) -> list["LaneMicrobatch"]:
+        """One micro-batch per sequence: the unpacked baseline (every sequence its own calls and all-to-alls)."""
+        cuts = [0, *itertools.accumulate(self.chunks)]
+        return [LaneMicrobatch(self.inputs[:, a:b], self.targets[:, a:b], self.positions[:, a:b], self.group, (b - a,))
+                for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def segments(batch: Batch) -> list[Segment]:
@@ -75,7 +94,8 @@ def parse_sp(mode: str) -> int | None:
     return int(degree)
 
 
-def plan_batch(segs: list[Segment], lanes: int, mode: str, cost: SPCost, passes: int | None) -> Plan:
+def plan_batch(segs: list[Segment], lanes: int, mode: str, cost: SPCost, passes: int | None,
+               time_limit_s: float = 0.0) -> Plan:
     lengths = [s.length for s in segs]
     degree = parse_sp(mode)
     need = cost.min_degree(max(lengths))
@@ -84,7 +104,7 @@ def plan_batch(segs: list[Segment], lanes: int, mode: str, cost: SPCost, passes:
                         f"tokens per lane) but parallel.sp={mode}: use parallel.sp=adaptive or static:{need}")
     try:
         if degree is None:
-            return plan(lengths, lanes, cost, passes=passes)
+            return plan(lengths, lanes, cost, time_limit_s=time_limit_s, passes=passes)
         return static_plan(lengths, lanes, degree, cost, passes=passes)
     except PlanError as err:
         raise PlanError(f"{err} (parallel.sp={mode}, cost model tokens_per_lane={cost.tokens_per_lane})") from None
@@ -96,7 +116,7 @@ def lane_microbatches(batch: Batch, segs: list[Segment], planned: Plan, lane: in
     for groups in planned.microbatches:
         g = next(g for g in groups if g.start <= lane < g.start + g.size)
         i = lane - g.start
-        inputs, targets, shards = [], [], []
+        inputs, targets, positions, chunks = [], [], [], []
         for k in g.seqs:
             seg = segs[k]
             c = math.ceil(seg.length / g.size)
@@ -106,15 +126,17 @@ def lane_microbatches(batch: Batch, segs: list[Segment], planned: Plan, lane: in
             row = slice(seg.start + lo, seg.start + hi)
             inputs.append(torch.nn.functional.pad(batch.inputs[seg.row, row], (0, pad), value=0))
             targets.append(torch.nn.functional.pad(batch.targets[seg.row, row], (0, pad), value=IGNORE))
-            shards.append(Shard(torch.arange(i * c, i * c + c)[None], c * g.size, (g.start, g.size)))
+            positions.append(torch.arange(i * c, i * c + c))
+            chunks.append(c)
         empty = batch.inputs.new_zeros(0)
-        out.append(LaneMicrobatch(torch.cat(inputs or [empty])[None], torch.cat(targets or [empty])[None], shards))
+        out.append(LaneMicrobatch(torch.cat(inputs or [empty])[None], torch.cat(targets or [empty])[None],
+                                  torch.cat(positions or [empty])[None], (g.start, g.size), tuple(chunks)))
     return out
 
 
 class LaneRunner:
-    """Runs a stage on a lane's micro-batch, shard by shard, with Ulysses attention in groups of > 1 lane
-    (one per SP group, made once from the groups built in dist/groups.py)."""
+    """Runs a stage on a lane's micro-batch, its group's sequences packed into one call (module docstring), with
+    Ulysses attention in groups of > 1 lane (one per SP group, made once from the groups built in dist/groups.py)."""
 
     def __init__(self, sp_groups: dict[tuple[int, int], object], comm: Comm):
         self.attention = {key: Ulysses(group, comm) for key, group in sp_groups.items()}
@@ -123,13 +145,7 @@ class LaneRunner:
         return self.attention[group] if group[1] > 1 else None
 
     def __call__(self, module: Stage, x: torch.Tensor, mb: LaneMicrobatch) -> torch.Tensor:
-        outs, a = [], 0
-        for shard in mb.shards:
-            c = shard.positions.shape[1]
-            inputs = module.prepare_shard(shard.positions.to(x.device), shard.length, self.attend(shard.group))
-            outs.append(module(x[:, a:a + c], inputs))
-            a += c
-        return torch.cat(outs, dim=1)
+        return module(x, module.prepare_packed(mb.positions, mb.gathered_doc_ids(), self.attend(mb.group)))
 
 
 def imbalance(planned: Plan, lanes: int) -> float:

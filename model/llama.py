@@ -127,12 +127,6 @@ def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     return create_block_mask(causal_same_document, b, None, t, t, device=doc_ids.device)
 
 
-def causal_block_mask(length: int, device) -> BlockMask:
-    """A causal BlockMask over a whole sequence of `length` tokens (sequence-parallel shards of one document)."""
-    return create_block_mask(lambda batch, head, q_idx, kv_idx: q_idx >= kv_idx, None, None, length, length,
-                             device=device)
-
-
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) document ids -> each token's position inside its document (RoPE restarts per document)."""
     t = doc_ids.shape[1]

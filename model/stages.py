@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
-from model.llama import Block, causal_block_mask, document_block_mask, document_mask, document_positions, rope_tables
+from model.llama import Block, document_block_mask, document_mask, document_positions, rope_tables
 
 PRECISIONS = ("fp32", "bf16")  # train.precision: bf16 autocasts matmuls (set_fast_path)
 
@@ -57,19 +57,17 @@ class Stage(nn.Module):
         return self.autocast_dtype or torch.float32
 
     def prepare(self, doc_ids: torch.Tensor) -> StageInputs:
-        pos = document_positions(doc_ids)
-        mask = document_block_mask(doc_ids) if self.cfg.attention == "flex" else document_mask(doc_ids)
-        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], mask)
+        """Inputs for whole windows: RoPE at each token's place in its document, attention within documents."""
+        return self.prepare_packed(document_positions(doc_ids), doc_ids)
 
-    def prepare_shard(self, positions: torch.Tensor, length: int, attend) -> StageInputs:
-        """Inputs for one lane's slice of a single sequence (`positions`: its tokens' places in the sequence,
-        (1, t)) whose whole padded length is `length`: causal mask over all of it (sequence-parallel)."""
-        pos = positions.clamp(max=self.rope_cos.shape[0] - 1)  # padding past the last table row: never attended to
-        if self.cfg.attention == "flex":
-            causal = causal_block_mask(length, positions.device)
-        else:
-            causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()[None, None]
-        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], causal, attend)
+    def prepare_packed(self, positions: torch.Tensor, doc_ids: torch.Tensor, attend=None) -> StageInputs:
+        """positions: (b, t) each of this device's tokens' place in its document (RoPE); doc_ids: (b, T) the
+        document of every token attention sees, in the order it sees them: T = t locally, or a sequence-parallel
+        group's whole pack in its all-to-all's order (dist/lanes.py), where each document's tokens keep their
+        order. Mask M[q, j] = (doc[q] == doc[j]) and (q >= j): causal inside each document, nothing across."""
+        pos = positions.clamp(max=self.rope_cos.shape[0] - 1)  # SP padding past the last table row: never attended to
+        mask = document_block_mask(doc_ids) if self.cfg.attention == "flex" else document_mask(doc_ids)
+        return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], mask, attend)
 
     def forward(self, x: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
