@@ -11,7 +11,7 @@ Two regimes:
     loss against wall clock at a given bandwidth, *computed* from each run's measured seconds per step and
     measured bytes (with and without overlap), and prints each method's computed time.
 Usage: python bench/lowcomm.py [--regime quick|paper] [--steps N] [--jobs 1] [--out DIR] [--plot PNG]
-       [--only name,...] [--bandwidth-mbit 100] [key=value ...]
+       [--only name,...] [--bandwidth-mbit 100] [--lr LR (paper: skip tuning)] [key=value ...]
 --jobs runs that many methods at once (each is 2-4 single-threaded processes: give it 4 cores per job).
 """
 from __future__ import annotations
@@ -69,7 +69,9 @@ QUICK_TARGETS = [("diloco-H50", "ddp", 0.03, 40, None), ("diloco-H50-fedavg", "d
                  ("noloco-H50", "diloco-H50", 0.02, None, 0),
                  ("noloco-H50-pair-average", "diloco-H50-fedavg", 0.02, None, 0)]
 
-R4, R2 = ["parallel.replicas=4", "train.batch_size=4"], ["parallel.replicas=2", "train.batch_size=8"]  # same global batch
+# the same global batch; the same 128 validation sequences (eval_batches x batch_size)
+R4 = ["parallel.replicas=4", "train.batch_size=4", "log.eval_batches=32"]
+R2 = ["parallel.replicas=2", "train.batch_size=8", "log.eval_batches=16"]
 DILOCO_H40 = ["sync.method=diloco", "sync.H=40"]
 PAPER = {
     "ddp": R4,
@@ -86,7 +88,7 @@ PAPER = {
     "diloco-H40-overlap20": [*R4, *DILOCO_H40, "sync.overlap=20"],
 }
 PAPER_BASE = ["parallel.stages=1", "parallel.microbatches=1", "model.dim=64", "model.n_layers=4", "data.seq_len=64",
-              "optim.warmup_steps=100", "log.eval_batches=32", "log.log_every=230", "checkpoint.every=0",
+              "optim.warmup_steps=100", "log.log_every=230", "checkpoint.every=0",
               "log.tensorboard=false"]
 PAPER_LRS = (2e-3, 4e-3, 8e-3)  # DDP's learning rate, tuned at the regime's token budget (min_lr = lr / 10)
 PAPER_TARGETS = [("diloco-H40", "ddp", 0.05, 40, None), ("diloco-H40-2rep", "ddp-2rep", 0.03, 40, None),
@@ -159,6 +161,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="methods run at once (2-4 processes each)")
     ap.add_argument("--out", default="", help="keep every method's run directory here (default: a temporary one)")
     ap.add_argument("--bandwidth-mbit", type=float, default=100.0, help="the link of the computed wall clock (paper)")
+    ap.add_argument("--lr", type=float, default=0.0, help="paper: train with this lr instead of tuning DDP's first")
     args, extra = ap.parse_known_args()
     base, methods, targets, default_steps = REGIMES[args.regime]
     steps = args.steps or default_steps
@@ -186,7 +189,9 @@ def main() -> None:
                 return list(pool.map(one, specs.items()))
 
         results, tuned = [], []
-        if args.regime == "paper":  # DDP's learning rate first; every method then trains with the best one
+        if args.regime == "paper" and args.lr:  # tuned by an earlier run
+            extra = [f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}", *extra]
+        elif args.regime == "paper":  # DDP's learning rate first; every method then trains with the best one
             sweep = {f"ddp-lr{lr:g}": method_args(base, [*PAPER["ddp"], f"optim.lr={lr}", f"optim.min_lr={lr / 10}"],
                                                   f"ddp-lr{lr:g}", steps, extra, workdir) for lr in PAPER_LRS}
             tuned = run_all(sweep)
