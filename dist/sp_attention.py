@@ -20,8 +20,8 @@ from model.llama import attention
 
 
 class MaskedAttention(nn.Module):
-    """Local attention on (s, b, h, d) tensors with the whole sequence's mask (a (b, 1, s, s) boolean tensor or a
-    BlockMask: causal, within documents)."""
+    """Local attention on (s, b, h, d) tensors with the whole sequence's mask (a (b, 1, s, s) boolean tensor,
+    DocumentBins or a BlockMask: causal, within documents)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # -> (b, h, s, d)

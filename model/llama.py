@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from config import ModelConfig
 
 ATTENTIONS = ("sdpa", "flex")  # model.attention: a dense document mask (SDPA) | a FlexAttention block mask
+BIN_TOKENS = 256  # a packed row's attention bins (DocumentBins): at most this many tokens, or one longer document
 
 
 def ffn_dim(cfg: ModelConfig) -> int:
@@ -48,12 +50,18 @@ def _compiled_flex():
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for (b, h, t, d) q and (b, kv_heads, t, d) k, v (GQA: each KV head serves
     h / kv_heads query heads). mask: a dense (b, 1, t, t) boolean tensor (SDPA; on GPUs a dense mask selects the
-    math kernel with fp32 T x T scores) or a FlexAttention BlockMask (block-sparse: blocks outside every
-    document are skipped, and no T x T tensor is made)."""
+    math kernel with fp32 T x T scores), DocumentBins (one packed row: SDPA per bin of whole documents) or a
+    FlexAttention BlockMask (block-sparse: blocks outside every document are skipped, and no T x T tensor is made)."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, BlockMask):
         flex = _compiled_flex() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if isinstance(mask, DocumentBins):
+        if mask.order is not None:
+            q, k, v = (z.index_select(2, mask.order) for z in (q, k, v))
+        y = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=m,
+                                                      enable_gqa=gqa) for a, b, m in mask.bins], dim=2)
+        return y if mask.order is None else y.index_select(2, mask.inverse)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -115,6 +123,35 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same_doc & causal)[:, None]
+
+
+@dataclass
+class DocumentBins:
+    """The document mask of one packed row (b = 1) as independent dense blocks: the tokens sorted by document
+    (stably: each document keeps its order), cut between documents into bins of at most BIN_TOKENS tokens (a
+    longer document is a bin of its own). No document spans two bins, so attention in each bin under its own
+    document mask is attention under the whole mask, at sum_b n_b^2 scores instead of T^2 (each token scores at
+    most max(BIN_TOKENS, its document's length) keys): a pack of many short sequences costs about what they
+    cost one by one."""
+    order: torch.Tensor | None  # (T,) token indices, document by document (None: they already are)
+    inverse: torch.Tensor | None  # (T,) each token's place in `order`
+    bins: list[tuple[int, int, torch.Tensor]]  # [a, b) in that order and its (1, 1, b - a, b - a) document mask
+
+
+def document_bins(doc_ids: torch.Tensor, tokens: int = BIN_TOKENS) -> DocumentBins:
+    """(1, T) document ids, each document's tokens in its own order (documents may interleave) -> DocumentBins."""
+    ids = doc_ids[0]
+    order = None if bool((ids[1:] >= ids[:-1]).all()) else torch.sort(ids, stable=True).indices
+    grouped = ids if order is None else ids[order]
+    bounds, a, b = [], 0, 0
+    for n in torch.unique_consecutive(grouped, return_counts=True)[1].tolist():
+        if b > a and b + n - a > tokens:
+            bounds.append((a, b))
+            a = b
+        b += n
+    bounds.append((a, b))
+    return DocumentBins(order, None if order is None else torch.argsort(order),
+                        [(a, b, document_mask(grouped[None, a:b])) for a, b in bounds])
 
 
 def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:

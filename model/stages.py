@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
-from model.llama import Block, document_block_mask, document_mask, document_positions, rope_tables
+from model.llama import Block, document_bins, document_block_mask, document_mask, document_positions, rope_tables
 
 PRECISIONS = ("fp32", "bf16")  # train.precision: bf16 autocasts matmuls (set_fast_path)
 
@@ -31,7 +31,7 @@ class StageInputs:
     """What every layer needs besides the hidden state, derived once per micro-batch from document ids."""
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: object  # a dense (b, 1, t, t) boolean mask (model.attention=sdpa) or a FlexAttention BlockMask (flex)
+    mask: object  # a dense (b, 1, t, t) boolean mask or DocumentBins (model.attention=sdpa), or a BlockMask (flex)
     attend: object = None  # sequence-parallel attention over the lanes sharing this sequence (None: local)
 
 
@@ -58,15 +58,20 @@ class Stage(nn.Module):
 
     def prepare(self, doc_ids: torch.Tensor) -> StageInputs:
         """Inputs for whole windows: RoPE at each token's place in its document, attention within documents."""
-        return self.prepare_packed(document_positions(doc_ids), doc_ids)
+        mask = document_block_mask(doc_ids) if self.cfg.attention == "flex" else document_mask(doc_ids)
+        return self._inputs(document_positions(doc_ids), mask)
 
     def prepare_packed(self, positions: torch.Tensor, doc_ids: torch.Tensor, attend=None) -> StageInputs:
-        """positions: (b, t) each of this device's tokens' place in its document (RoPE); doc_ids: (b, T) the
-        document of every token attention sees, in the order it sees them: T = t locally, or a sequence-parallel
-        group's whole pack in its all-to-all's order (dist/lanes.py), where each document's tokens keep their
-        order. Mask M[q, j] = (doc[q] == doc[j]) and (q >= j): causal inside each document, nothing across."""
+        """Inputs for one row of packed sequences. positions: (1, t) each of this device's tokens' place in its
+        sequence (RoPE); doc_ids: (1, T) the sequence of every token attention sees, in the order it sees them:
+        T = t locally, or a sequence-parallel group's whole pack in its all-to-all's order (dist/lanes.py), where
+        each sequence's tokens keep their order. Mask M[q, j] = (doc[q] == doc[j]) and (q >= j): causal inside
+        each sequence, nothing across (sdpa: as DocumentBins, so many short sequences cost no T^2)."""
+        mask = document_block_mask(doc_ids) if self.cfg.attention == "flex" else document_bins(doc_ids)
+        return self._inputs(positions, mask, attend)
+
+    def _inputs(self, positions: torch.Tensor, mask, attend=None) -> StageInputs:
         pos = positions.clamp(max=self.rope_cos.shape[0] - 1)  # SP padding past the last table row: never attended to
-        mask = document_block_mask(doc_ids) if self.cfg.attention == "flex" else document_mask(doc_ids)
         return StageInputs(self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], mask, attend)
 
     def forward(self, x: torch.Tensor, inputs: StageInputs) -> torch.Tensor:

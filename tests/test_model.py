@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.loader import make_batch
-from model.llama import document_mask, document_positions
+from model.llama import attention, document_bins, document_mask, document_positions
 from model.stages import build_stage, split_layers, token_loss_sum
 from tests.tiny import tiny_batch, tiny_model_config
 
@@ -193,6 +193,24 @@ def test_document_mask_matches_hand_built():
     assert mask.dtype == torch.bool
     assert mask.shape == (2, 1, 5, 5)
     assert torch.equal(mask, expected)
+
+
+def test_document_bins_equal_the_dense_document_mask_on_interleaved_documents():
+    """A Ulysses pack's order (each document in pieces, interleaved with others) cut into bins of <= 16 tokens
+    and one 40-token document alone: the same attention and gradients as the dense mask, GQA included."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 7, 1, 40, 12, 5, 9, 2, 11, 6])
+    pieces = [torch.repeat_interleave(torch.arange(10), (lengths + 1) // 2) for _ in range(2)]  # 2 lanes' slices
+    doc_ids = torch.cat(pieces)[None]
+    bins = document_bins(doc_ids, tokens=16)
+    assert [b - a for a, b, _ in bins.bins] == [14, 40, 12, 16, 14, 6]  # 2 x ceil(n / 2) tokens per document
+    q = torch.randn(1, 4, doc_ids.shape[1], 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, doc_ids.shape[1], 8, generator=g, requires_grad=True) for _ in range(2))
+    got, want = attention(q, k, v, bins), attention(q, k, v, document_mask(doc_ids))
+    assert (got - want).abs().max() < 1e-6
+    w = torch.randn(got.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        assert (a - b).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------- GQA

@@ -67,7 +67,7 @@ def main(out_dir: str) -> None:
                        "whole_grad": max_diff(grads, whole[1])}}
     flex = build_stage(replace(cfg, attention="flex"), 0, 1, max_seq_len=64, seed=1)
     with torch.no_grad():
-        outs = [(runner(flex, mb.inputs, mb), torch.cat([runner(flex, one.inputs, one) for one in mb.per_sequence()], 1))
+        outs = [(runner(flex, mb.inputs, mb), torch.cat([runner(flex, o.inputs, o) for o in mb.per_sequence()], 1))
                 for mb in mbs if mb.inputs.numel()]
     errors["flex"] = {"out": max(float((a - b).abs().max()) for a, b in outs)}
     with open(os.path.join(out_dir, f"rank{lane}.json"), "w") as fh:
