@@ -194,26 +194,23 @@ def main(argv: list[str] | None = None) -> list[str]:
     import matplotlib.pyplot as plt
     os.makedirs(args.out, exist_ok=True)
     files = []
+
+    def chart(name: str, draw, data) -> None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        draw(data, ax)
+        files.append(save(fig, os.path.join(args.out, name)))
     if runs:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        plot_tokens(runs, ax)
-        files.append(save(fig, os.path.join(args.out, "loss_vs_tokens.png")))
+        chart("loss_vs_tokens.png", plot_tokens, runs)
     if any(r["val"] for r in runs):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        plot_bytes(runs, ax)
-        files.append(save(fig, os.path.join(args.out, "loss_vs_bytes.png")))
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        plot_goodput(runs, ax)
-        files.append(save(fig, os.path.join(args.out, "goodput.png")))
+        chart("loss_vs_bytes.png", plot_bytes, runs)
+        chart("goodput.png", plot_goodput, runs)
     timed = [r for r in runs if r["times"]]
     if timed:
         fig, axes = plt.subplots(len(timed), 1, figsize=(7.5, 1.5 + 2 * len(timed)), squeeze=False)
         plot_step_times(timed, axes[:, 0])
         files.append(save(fig, os.path.join(args.out, "step_times.png")))
     if args.churn:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        plot_time_to_target([r for path in args.churn for r in read_jsonl(path)], ax)
-        files.append(save(fig, os.path.join(args.out, "time_to_target.png")))
+        chart("time_to_target.png", plot_time_to_target, [r for path in args.churn for r in read_jsonl(path)])
     churned = [r for r in runs if r["events"]]
     if churned:
         fig, axes = plt.subplots(len(churned), 1, figsize=(7.5, 2.2 + 1.8 * len(churned)), squeeze=False)
