@@ -9,6 +9,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from recovery import hooks
+
 INTRA = "intra_replica"  # between stages of one replica (activations, gradients of activations)
 CROSS = "cross_replica"  # between replicas of one stage (gradient / weight sync)
 LANE = "intra_stage"  # between lanes of one stage (gradient sync)
@@ -88,9 +90,11 @@ class Comm:
         n = dist.get_world_size(group)
         out = torch.empty_like(tensor)
         work = self._issue(dist.all_to_all_single, out, tensor.contiguous(), group=group, async_op=True)
-        self.bytes_sent[link] += (n - 1) / n * tensor.numel() * tensor.element_size()
+        nbytes = (n - 1) / n * tensor.numel() * tensor.element_size()  # what this rank sends to the others
+        self.bytes_sent[link] += nbytes
         self.calls[link] += 1
         self.wait(work, link)
+        hooks.at("all_to_all", nbytes=nbytes, group_size=n)  # benches emulate a slower link here
         return out
 
     def send(self, tensor: torch.Tensor, pair, link: str = INTRA):

@@ -10,7 +10,10 @@ and B_d the all-to-all bandwidth of a group of d lanes:
     B_d = node_bandwidth * (d - 1) / (n * (d - n))         across nodes, n = lanes_per_node:
 the n lanes of a node each send v * (d - n) / d off the node, all through the node's links (node_bandwidth
 bytes/s together), so comm = n * v * (d - n) / d / node_bandwidth (the in-node part, ~10x faster, overlaps).
-Time of a pass (one micro-batch): the slowest group's sum of its sequences' times, plus per_pass.
+Time of a pass (one micro-batch): the slowest group's sum of its sequences' times, plus per_pass; of a step:
+its passes' times plus per_step (the optimizer step, the lanes' gradient all-reduce, the embedding, head and loss
+of a batch's fixed token count: what a whole training step costs beyond its passes). `fit_fixed` fits per_step
+from training steps' measured seconds against the model's predictions.
 Memory: a group of d lanes holds at most d * tokens_per_lane tokens; `lane_tokens` derives tokens_per_lane
 from the memory of a lane, the model states under the sharding in use and the activation bytes per token.
 Coefficients come from `bench/profile_sp.py` (`fit`, `fit_measured`; stored as JSON by `save` / `load`) or
@@ -25,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+from scipy.optimize import nnls
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class SPCost:
     lanes_per_node: int = 0  # lanes that share a node's fast links (0: every group inside one node)
     node_bandwidth: float = 0.0  # bytes per second of one node's links to the other nodes, all its lanes together
     bandwidths: dict | None = None  # "d" -> all-to-all bytes per second measured on groups of d lanes
+    per_step: float = 0.0  # seconds every training step costs on top of its passes (`fit_fixed`)
 
     def link(self, d: int) -> float:
         """B_d: the all-to-all bandwidth one lane of a d-lane group sees (module docstring)."""
@@ -130,9 +135,17 @@ def fit_measured(runs: dict[int, list[tuple[int, float]]]) -> dict:
     for d, points in runs.items():
         s = np.array([p[0] for p in points], dtype=float)
         t = np.array([p[1] for p in points], dtype=float)
-        coef, *_ = np.linalg.lstsq(np.stack([s * s, s, np.ones_like(s)], axis=1), t, rcond=None)
-        out[str(d)] = [max(float(c), 0.0) for c in coef]
+        coef, _ = nnls(np.stack([s * s, s, np.ones_like(s)], axis=1), t)
+        out[str(d)] = [float(c) for c in coef]
     return out
+
+
+def fit_fixed(residuals: list[float]) -> float:
+    """per_step from training steps' measured - predicted seconds (predicted without per_step): the least of them
+    (other load on the machine only adds time; the profile's timings are best-of too). It takes in what a step
+    costs beyond its passes as profiled: the optimizer step, the gradient all-reduce, the embedding, head and loss,
+    and any per-pass overhead (per_pass stays as given), less what the profile overestimates (it can be < 0)."""
+    return float(min(residuals))
 
 
 def fit(compute: list[tuple[int, float]], alltoall: list[tuple[int, float]], bytes_per_token: float,

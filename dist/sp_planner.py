@@ -3,8 +3,8 @@
 Given a batch's sequence lengths and L lanes, choose SP groups (power-of-two sizes tiling the lanes,
 placed on contiguous aligned lane ranges) and assign every sequence to one group. A batch that does not
 fit in one pass is cut into passes (micro-batches); the step costs
-    sum over passes of (slowest group's time + cost.per_pass)
-and no plan beats the lane-seconds bound  sum_k min_d d * time(s_k, d) / L + passes * per_pass.
+    sum over passes of (slowest group's time + cost.per_pass) + cost.per_step
+and no plan beats the lane-seconds bound  sum_k min_d d * time(s_k, d) / L + passes * per_pass + per_step.
 Passes: from the fewest that hold the batch's tokens (M = ceil(tokens / (L * tokens_per_lane))) up to
 MORE_PASSES more, stopping once the bound of the next count cannot gain GOOD_ENOUGH. Each count is tried
 with up to three splits (`_splits`), the best kept: the sorted batch cut into consecutive runs of equal
@@ -51,7 +51,7 @@ class Group:
 @dataclass(frozen=True)
 class Plan:
     microbatches: tuple[tuple[Group, ...], ...]
-    predicted: float  # sum over micro-batches of the slowest group's time + cost.per_pass
+    predicted: float  # sum over micro-batches of the slowest group's time + cost.per_pass, + cost.per_step
     solver: str  # greedy | milp | exact
 
     def assignment(self) -> dict[int, tuple[int, int, int]]:
@@ -110,7 +110,7 @@ def _plan_passes(lengths, lanes, cost, degree, limits=None, candidates=3, exact=
     floor = float(area.sum()) / lanes
     m, best, counts = passes or max(1, math.ceil(sum(lengths) / capacity)), None, 0
     while counts <= (0 if passes else MORE_PASSES) and m <= len(lengths):
-        if best is not None and best.predicted <= (floor + m * cost.per_pass) * (1 + GOOD_ENOUGH):
+        if best is not None and best.predicted <= (floor + m * cost.per_pass + cost.per_step) * (1 + GOOD_ENOUGH):
             break  # m or more passes could gain at most GOOD_ENOUGH over the best plan
         found = False
         for parts in _splits(lengths, area, m, capacity):
@@ -123,7 +123,7 @@ def _plan_passes(lengths, lanes, cost, degree, limits=None, candidates=3, exact=
             if len(planned) < m:
                 continue
             found = True
-            total = sum(t for t, _, _ in planned) + m * cost.per_pass
+            total = sum(t for t, _, _ in planned) + m * cost.per_pass + cost.per_step
             if best is None or total < best.predicted - 1e-12:
                 solver = "exact" if exact else ("milp" if any(s == "milp" for _, _, s in planned) else "greedy")
                 best = Plan(tuple(g for _, g, _ in planned), total, solver)

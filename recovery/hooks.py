@@ -5,7 +5,8 @@ with `install(fn)` or in a worker process through FLOTILLA_HOOKS=<module>:<funct
 `install` at start-up. Points: "forming" (before joining a generation's world), "connecting" (between the world
 and its groups), "agreeing", "rebuilding", "step" (mid-step: after backward, before the update), "updated" (after the
 update, before the sync after it: DiLoCo's outer exchange), "saving"
-(shards written, not sealed), "plan" (waiting for the next plan).
+(shards written, not sealed), "plan" (waiting for the next plan), "all_to_all" (an all-to-all of a group of
+group_size ranks done, this rank having sent nbytes to the others: bench/slow_link.py delays it).
 """
 from __future__ import annotations
 
