@@ -218,11 +218,12 @@ def test_tensorboard_custom_scalars_layout_and_tags(agent_run):
 
 def test_plots_command_writes_pngs(agent_run, tmp_path):
     out = tmp_path / "plots"
-    proc = subprocess.run([sys.executable, "bench/plots.py", agent_run["run_dir"], "--out", str(out)], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "bench/plots.py", agent_run["run_dir"], "--out", str(out), "--churn",
+                           "docs/churn.jsonl"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout.splitlines()[-1])["plots"]
-    names = ["loss_vs_tokens.png", "loss_vs_bytes.png", "recoveries.png"]
+    names = ["loss_vs_tokens.png", "loss_vs_bytes.png", "goodput.png", "step_times.png", "time_to_target.png",
+             "recoveries.png"]
     assert listed == [str(out / n) for n in names]
     for n in names:
         assert (out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / n).stat().st_size > 10_000
