@@ -26,7 +26,7 @@ from data.corpus import DataError
 from data.loader import validation_batches
 from dist.comm import CROSS, LANE
 from dist.generation import exit_process
-from dist.lanes import imbalance, lane_microbatches, plan_batch, segments
+from dist.lanes import imbalance, lane_microbatches, segments
 from dist.pipeline import eval_step, run_rows, swap_route, train_step, train_step_routes
 from dist.routing import local_microbatches
 from dist.sp_planner import PlanError
@@ -69,12 +69,9 @@ def split_batch(w: RankState, batch, step: int) -> StepWork:
         microbatches, hops = local_microbatches(batch, w.loader, step, cfg.parallel.microbatches, w.replica, w.stage,
                                                 topo.members, topo.stages, cfg.train.seed, cfg.sync.routing)
         return StepWork([mb.to(w.device) for mb in microbatches], hops, batch.n_tokens)
-    segs, waited = segments(batch), 0.0
-    if w.plan_ahead:  # made during the previous step by one rank of the replica (the batch's loader position)
-        planned, waited = w.plan_ahead.plan(w.loader.step - 1)
-    else:
-        planned = plan_batch(segs, topo.lanes, cfg.parallel.sp, w.sp_cost,
-                             cfg.parallel.microbatches if cfg.parallel.microbatches > 1 else None)
+    segs = segments(batch)
+    planned, waited = w.sp_planner.plan(w.loader.step - 1)  # by the batch's loader position (made during the
+    # previous step by one rank of the replica, with parallel.sp_plan_ahead)
     microbatches = [mb.to(w.device) for mb in lane_microbatches(batch, segs, planned, w.lane)]
     return StepWork(microbatches, [(w.replica, w.replica)] * len(microbatches), batch.n_tokens / topo.lanes,
                     w.lane_runner, planned, waited)

@@ -5,7 +5,8 @@ same answer, so one rank decides and the replica's other ranks receive its plan 
 the replica, the batch's plan and how long the planner rank waited for it). The planner rank plans step t + 1
 on a background thread as soon as it has taken the plan of step t; the planning overlaps the step's forward
 and backward (torch releases the GIL in its kernels). After a rewind (recovery) the step asked for is not the
-one planned ahead: it is planned at once.
+one planned ahead: it is planned at once. Without planning ahead every rank plans each step itself, in the step
+(the fast planner is deterministic, so the plans agree).
 """
 from __future__ import annotations
 
@@ -26,17 +27,22 @@ def batch_planner(loader: ReplicaLoader, lanes: int, mode: str, cost: SPCost, pa
     return lambda position: plan_batch(segments(loader.batch_at(position)), lanes, mode, cost, passes, time_limit_s)
 
 
-class PlanAhead:
-    def __init__(self, plan_step: Callable[[int], Plan], last_step: int, is_planner: bool, comm: Comm, group,
-                 src: int):
+class SPPlanner:
+    def __init__(self, plan_step: Callable[[int], Plan], ahead: bool, last_step: int, is_planner: bool, comm: Comm,
+                 group, src: int):
         """plan_step(step): the plan of the batch at loader position `step` (pure: the same on any thread);
-        src: the global rank of the planner in `group` (this replica's ranks)."""
-        self.plan_step, self.last_step, self.comm, self.group, self.src = plan_step, last_step, comm, group, src
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="sp-plan-ahead") if is_planner else None
+        ahead: plan one step ahead on the planner rank and broadcast; src: the global rank of the planner in
+        `group` (this replica's ranks)."""
+        self.plan_step, self.ahead_on, self.last_step = plan_step, ahead, last_step
+        self.comm, self.group, self.src = comm, group, src
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="sp-plan-ahead") if ahead and is_planner else None
         self.ahead: tuple[int, Future] | None = None
 
     def plan(self, step: int) -> tuple[Plan, float]:
-        """The plan of `step` on every rank of the replica, and the seconds the planner rank waited for it."""
+        """The plan of `step` on every rank of the replica, and the seconds the planner rank waited for it (0
+        when every rank plans in the step)."""
+        if not self.ahead_on:
+            return self.plan_step(step), 0.0
         shared = None
         if self.executor:
             start = time.perf_counter()

@@ -46,9 +46,7 @@ def mean_over_group(vec: torch.Tensor, precision: str, comm: Comm, group, link: 
     if n == 1:
         return vec.clone()
     if precision == "fp32":
-        out = vec.clone()
-        comm.all_reduce(out, group, link)
-        return out.div_(n)
+        return start_mean_over_group(vec, comm, group, link, n).result()
     d = vec.numel()
     if precision == "bf16":
         parts = [p.float() for p in comm.all_gather(vec.to(torch.bfloat16), group, link)]

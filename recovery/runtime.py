@@ -33,7 +33,7 @@ from dist.comm import INTRA, LANE, GenerationLost
 from dist.generation import start_generation
 from dist.groups import Groups, build_groups
 from dist.lanes import LaneRunner
-from dist.plan_ahead import PlanAhead, batch_planner
+from dist.plan_ahead import SPPlanner, batch_planner
 from dist.sp_cost import SPCost
 from dist.topology import Topology
 from metrics import RunLog, ledger_path, truncate_jsonl, warn
@@ -123,13 +123,13 @@ def connect(w: RankState, phase_s: float) -> None:
         w.lane_sync = build_lane_sync(cfg.sync, w.module, w.groups, w.comm, w.topo.lanes, w.stage, cfg.train.seed)
         w.lane_runner = LaneRunner(w.groups.sp, w.comm)
         w.sp_cost = load_sp_cost(w, cfg.parallel.sp_cost)
-        if w.plan_ahead:
-            w.plan_ahead.close()
+        if w.sp_planner:
+            w.sp_planner.close()
         planner = batch_planner(w.loader, w.topo.lanes, cfg.parallel.sp, w.sp_cost,
                                 cfg.parallel.microbatches if cfg.parallel.microbatches > 1 else None,
                                 cfg.parallel.sp_time_limit_s)
-        w.plan_ahead = PlanAhead(planner, cfg.train.steps, w.stage == 0 and w.lane == 0, w.comm,
-                                 w.groups.whole_replica, w.topo.rank(w.replica, 0, 0)) if cfg.parallel.sp_plan_ahead else None
+        w.sp_planner = SPPlanner(planner, cfg.parallel.sp_plan_ahead, cfg.train.steps, w.stage == 0 and w.lane == 0,
+                                 w.comm, w.groups.whole_replica, w.topo.rank(w.replica, 0, 0))
 
 
 def all_groups(groups: Groups) -> list:
@@ -268,8 +268,8 @@ def close(w: RankState) -> None:
     """The run is over on this rank: leave the coordinator's run, or the torchrun world."""
     if w.wan:
         w.wan.shutdown()
-    if w.plan_ahead:
-        w.plan_ahead.close()
+    if w.sp_planner:
+        w.sp_planner.close()
     if w.member:
         w.member.leave()
     else:

@@ -16,7 +16,7 @@ from data.loader import ReplicaLoader
 from dist.comm import Comm
 from dist.groups import Groups
 from dist.lanes import LaneRunner
-from dist.plan_ahead import PlanAhead
+from dist.plan_ahead import SPPlanner
 from dist.sp_cost import SPCost
 from dist.topology import Topology
 from metrics import RunLog, Throughput
@@ -51,7 +51,7 @@ class RankState:
     lane_sync: Sync | None = None  # gradient averaging across the lanes of this stage (lanes > 1)
     lane_runner: LaneRunner | None = None  # runs this lane's sequence shards, Ulysses attention in SP groups
     sp_cost: SPCost | None = None  # the planner's cost model (lanes > 1)
-    plan_ahead: PlanAhead | None = None  # plans the next batch's SP layout during this step (lanes > 1)
+    sp_planner: SPPlanner | None = None  # each batch's SP plan, made one step ahead by default (lanes > 1)
     log: RunLog | None = None
     lr_scale: float = 1.0  # CheckFree raises it on a rebuilt stage
     grad_norm: float = 0.0  # this stage's own last gradient norm (CheckFree's weight)
